@@ -1,0 +1,101 @@
+"""`radixfair` command line: generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    g.add_argument("--mem-fraction-static", type=float, default=None,
+                   help="memory share for the KV pool when --max-total-tokens is not given")
+    g.add_argument("--max-running-requests", type=int, default=128)
+    g.add_argument("--max-prefill-tokens", type=int, default=8192)
+    g.add_argument("--chunked-prefill-size", type=int, default=2048, help="-1 disables chunked prefill")
+    g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--schedule-policy", default="fcfs")
+    g.add_argument("--disable-radix-cache", action="store_true")
+    g.add_argument("--random-seed", type=int, default=0)
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+
+
+def engine_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    keys = [
+        "model", "dtype", "device", "max_total_tokens", "mem_fraction_static", "max_running_requests",
+        "max_prefill_tokens", "chunked_prefill_size", "context_length", "schedule_policy",
+        "disable_radix_cache", "random_seed", "num_threads",
+    ]
+    return {k: getattr(ns, k) for k in keys}
+
+
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from radixfair.engine.engine import Engine
+
+    kw = engine_kwargs(ns)
+    if kw["max_total_tokens"] is None:
+        kw["max_total_tokens"] = 16384  # one prompt: no need to reserve a big pool
+    with Engine(**kw) as engine:
+        prompt = ns.prompt
+        if ns.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
+        if ns.seed is not None:
+            params["seed"] = ns.seed
+        if ns.stream:
+            printed = 0
+            for out in engine.generate(prompt, params, stream=True):
+                text = out["text"]
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+            sys.stdout.write("\n")
+        else:
+            out = engine.generate(prompt, params)
+            print(out["text"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radixfair", description=__doc__)
+    p.add_argument("--log-level", default="warning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print the result")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_engine_args(g)
+    g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    from radixfair.bench.engine_bench import add_parser as add_engine_bench
+
+    add_engine_bench(bsub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(ns.func(ns))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"radixfair: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

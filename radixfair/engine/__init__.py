@@ -1,0 +1,1 @@
+"""The model executor (torch) and the offline engine API."""

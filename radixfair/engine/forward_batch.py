@@ -1,0 +1,37 @@
+"""Tensors one forward pass needs, built by the model runner from a scheduled batch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    PREFILL = "prefill"  # extend: new tokens attend to a cached prefix plus themselves (causal)
+    DECODE = "decode"  # one new token per request
+
+
+@dataclass
+class PrefillSeq:
+    """One request's slice of a prefill batch."""
+
+    q_start: int  # offset of its extend tokens in the flat token dimension
+    q_len: int  # extend tokens
+    prefix_len: int  # tokens already in the KV pool before this pass
+    kv_index: torch.Tensor | None  # slots of all prefix_len + q_len tokens; None when prefix_len == 0
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [T] flat
+    positions: torch.Tensor  # [T]
+    out_slots: torch.Tensor  # [T] KV slots the new tokens are written to
+    logits_index: torch.Tensor  # [N] flat positions whose hidden states go through the LM head
+    # decode only: padded slot table and validity mask of every request's whole sequence
+    kv_index: torch.Tensor | None = None  # [B, Lmax]
+    kv_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] additive float mask (0 or -inf)
+    # prefill only
+    seqs: list[PrefillSeq] | None = None

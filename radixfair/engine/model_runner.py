@@ -1,0 +1,202 @@
+"""The executor: owns the model, the KV pool and the sampler, and runs scheduled batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from radixfair.engine.forward_batch import ForwardBatch, ForwardMode, PrefillSeq
+from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
+from radixfair.engine.model_config import ModelConfig
+from radixfair.engine.models.llama import LlamaForCausalLM
+from radixfair.engine.sampler import Sampler
+from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def select_dtype(dtype: str, device: torch.device, config: ModelConfig) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.float16 if config.torch_dtype == "float16" else torch.bfloat16
+    # CPUs without bf16 matmul units run float32 faster; bf16 stays available explicitly
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    max_total_tokens: int
+    max_running_requests: int
+    max_context_len: int
+
+
+def auto_max_total_tokens(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, mem_fraction: float, weight_bytes: int
+) -> int:
+    """KV slots that fit in `mem_fraction` of the device's memory after the weights."""
+    per_token = KVPool.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = total * mem_fraction - (total - free)
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = total * mem_fraction - weight_bytes
+    tokens = int(budget // per_token)
+    if tokens < 256:
+        raise ValueError(
+            f"only {max(tokens, 0)} KV slots fit in --mem-fraction-static {mem_fraction}; raise it or "
+            f"set --max-total-tokens"
+        )
+    return tokens
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        state_dict: dict[str, torch.Tensor],
+        runner_config: RunnerConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = model_config
+        self.device = device
+        self.dtype = dtype
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config)
+        model = model.to_empty(device=device).to(dtype)
+        model.rotary = model.rotary.__class__(model_config).to(device)  # buffers were on meta
+        model.load_hf_state_dict(state_dict)
+        model.eval()
+        self.model = model
+        self.kv = KVPool(
+            runner_config.max_total_tokens,
+            model_config.num_hidden_layers,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            dtype,
+            device,
+        )
+        self.req_to_token = ReqToTokenTable(
+            runner_config.max_running_requests + 1, runner_config.max_context_len, device
+        )
+        self.sampler = Sampler(device)
+        self.vocab_size = model_config.vocab_size
+        # decode attention masks columns past each sequence's end with -inf
+        self._neg_inf = torch.tensor(float("-inf"), device=device)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def run(self, batch: ScheduledBatch) -> BatchOutput:
+        fb = self._prepare(batch)
+        logits = self.model(fb, self.kv)
+        return self._postprocess(batch, logits)
+
+    # ---- batch preparation ---------------------------------------------------------------------
+    def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        table = self.req_to_token.table
+        input_ids = self._tensor(batch.input_ids)
+        positions = self._tensor(batch.positions)
+        out_slots = self._tensor(batch.out_slots)
+        if batch.mode is BatchMode.DECODE:
+            rows = self._tensor(batch.rows)
+            pos = positions
+            table[rows, pos] = out_slots
+            seq_lens = pos + 1
+            lmax = int(batch.positions.max()) + 1
+            kv_index = table[rows, :lmax]
+            cols = torch.arange(lmax, device=self.device)
+            valid = cols.unsqueeze(0) < seq_lens.unsqueeze(1)
+            kv_mask = torch.where(valid, 0.0, float("-inf")).view(len(batch.reqs), 1, 1, lmax)
+            return ForwardBatch(
+                mode=ForwardMode.DECODE,
+                input_ids=input_ids,
+                positions=positions,
+                out_slots=out_slots,
+                logits_index=torch.arange(len(batch.reqs), device=self.device),
+                kv_index=kv_index,
+                kv_mask=kv_mask,
+            )
+        seqs: list[PrefillSeq] = []
+        logits_pos: list[np.ndarray] = []
+        q_start = 0
+        for i, req_slots in enumerate(batch.row_slots):
+            row = int(batch.rows[i])
+            prefix = int(batch.prefix_lens[i])
+            ext = int(batch.extend_lens[i])
+            total = prefix + ext
+            slots_t = self._tensor(req_slots[:total])
+            table[row, :total] = slots_t
+            seqs.append(PrefillSeq(q_start, ext, prefix, slots_t if prefix > 0 else None))
+            lp = batch.logprob_positions[i] if batch.logprob_positions else None
+            if lp is not None:
+                logits_pos.append(lp[0] + q_start)
+            if batch.sample[i]:
+                logits_pos.append(np.asarray([q_start + ext - 1], dtype=np.int64))
+            q_start += ext
+        index = np.concatenate(logits_pos) if logits_pos else np.zeros(0, dtype=np.int64)
+        return ForwardBatch(
+            mode=ForwardMode.PREFILL,
+            input_ids=input_ids,
+            positions=positions,
+            out_slots=out_slots,
+            logits_index=self._tensor(index),
+            seqs=seqs,
+        )
+
+    # ---- sampling and logprobs -----------------------------------------------------------------
+    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> BatchOutput:
+        n = len(batch.reqs)
+        next_ids = [-1] * n
+        next_lps: list[float | None] = [None] * n
+        next_tops: list[list[tuple[float, int]] | None] = [None] * n
+        in_lps: list[list[float] | None] = [None] * n
+        in_tops: list[list[list[tuple[float, int]]] | None] = [None] * n
+        sample_rows: list[int] = []
+        sample_reqs = []
+        offset = 0
+        for i, req in enumerate(batch.reqs):
+            lp = batch.logprob_positions[i] if batch.logprob_positions else None
+            if lp is not None:
+                k = len(lp[0])
+                chunk = torch.log_softmax(logits[offset : offset + k], dim=-1)
+                targets = self._tensor(lp[1]).view(-1, 1)
+                in_lps[i] = chunk.gather(1, targets).view(-1).tolist()
+                if req.top_logprobs_num > 0:
+                    v, ix = chunk.topk(req.top_logprobs_num, dim=-1)
+                    in_tops[i] = [list(zip(a, b, strict=True)) for a, b in zip(v.tolist(), ix.tolist(), strict=True)]
+                offset += k
+            if batch.sample[i]:
+                sample_rows.append(offset)
+                sample_reqs.append(req)
+                offset += 1
+        if sample_reqs:
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[self._tensor(np.asarray(sample_rows))]
+            res = self.sampler.sample(rows, sample_reqs)
+            j = 0
+            for i in range(n):
+                if batch.sample[i]:
+                    next_ids[i] = res.token_ids[j]
+                    if res.logprobs is not None:
+                        next_lps[i] = res.logprobs[j]
+                    if res.top_logprobs is not None:
+                        next_tops[i] = res.top_logprobs[j]
+                    j += 1
+        return BatchOutput(next_ids, next_lps, next_tops, in_lps, in_tops)

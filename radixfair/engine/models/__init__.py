@@ -1,0 +1,1 @@
+"""Model architectures written against radixfair's KV pool."""

@@ -1,0 +1,244 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain PyTorch over radixfair's KV pool.
+
+Projections are fused (q|k|v and gate|up) so a decode step issues few, large matmuls; the
+weights are loaded from Hugging Face-named tensors and concatenated once at load time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixfair.engine.forward_batch import ForwardBatch, ForwardMode
+from radixfair.engine.kv_pool import KVPool
+from radixfair.engine.model_config import ModelConfig, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce in float32 as HF does, so bfloat16 runs match the reference
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling.rope_type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq, scaled)
+    elif scaling.rope_type not in ("default", "none"):
+        raise ValueError(f"unsupported rope_scaling type {scaling.rope_type!r}")
+    return inv_freq.float()
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position, indexed per token (positions need not be contiguous)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, D], k: [T, KVH, D]; HF "rotate_half" layout
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary(batch.positions, q, k)
+        kv.write(self.layer_id, batch.out_slots, k, v)
+        if batch.mode is ForwardMode.DECODE:
+            out = self._decode(q, batch, kv)
+        else:
+            out = self._prefill(q, k, v, batch, kv)
+        return self.o_proj(out)
+
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+        assert batch.kv_index is not None and batch.kv_mask is not None
+        b, lmax = batch.kv_index.shape
+        group = self.num_heads // self.num_kv_heads
+        flat = batch.kv_index.view(-1)
+        # [B, KVH, L, D]; grouping q heads by kv head avoids materializing repeated K/V for GQA
+        k = kv.k[self.layer_id].index_select(0, flat).view(b, lmax, self.num_kv_heads, self.head_dim)
+        v = kv.v[self.layer_id].index_select(0, flat).view(b, lmax, self.num_kv_heads, self.head_dim)
+        k = k.permute(0, 2, 3, 1)  # [B, KVH, D, L]
+        v = v.transpose(1, 2)  # [B, KVH, L, D]
+        qg = q.view(b, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(qg, k).float() * self.scale + batch.kv_mask  # [B, KVH, G, L]
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)  # [B, KVH, G, D]
+        return out.reshape(b, self.q_size)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVPool
+    ) -> torch.Tensor:
+        assert batch.seqs is not None
+        outs = []
+        for s in batch.seqs:
+            qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+            if s.prefix_len == 0:
+                ks = k[s.q_start : s.q_start + s.q_len]
+                vs = v[s.q_start : s.q_start + s.q_len]
+                mask = None
+            else:
+                assert s.kv_index is not None
+                ks = kv.k[self.layer_id].index_select(0, s.kv_index)
+                vs = kv.v[self.layer_id].index_select(0, s.kv_index)
+                # query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i
+                total = s.prefix_len + s.q_len
+                qpos = torch.arange(s.q_len, device=q.device).unsqueeze(1) + s.prefix_len
+                mask = torch.arange(total, device=q.device).unsqueeze(0) <= qpos
+            ks = ks.transpose(0, 1).unsqueeze(0)
+            vs = vs.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+            outs.append(o.squeeze(0).transpose(0, 1).reshape(s.q_len, self.q_size))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv, rotary)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.lm_head: nn.Linear | None = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+        """Float32 logits `[N, vocab]` for the positions in `batch.logits_index`."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch, kv, self.rotary)
+        x = x.index_select(0, batch.logits_index) if len(batch.logits_index) != x.shape[0] else x
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Missing or extra tensors raise."""
+        cfg = self.config
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise ValueError(f"checkpoint is missing tensor {name!r}")
+            used.add(name)
+            return sd[name]
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            self.norm.weight.copy_(take("model.norm.weight"))
+            if self.lm_head is not None:
+                self.lm_head.weight.copy_(take("lm_head.weight"))
+            elif "lm_head.weight" in sd:
+                used.add("lm_head.weight")  # tied checkpoints sometimes carry a copy
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                assert isinstance(layer, DecoderLayer)
+                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+                attn = layer.self_attn
+                attn.qkv_proj.weight.copy_(
+                    torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
+                )
+                if attn.qkv_proj.bias is not None:
+                    attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                layer.mlp.gate_up_proj.weight.copy_(
+                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+                )
+                layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+        extra = sorted(set(sd) - used)
+        if extra:
+            raise ValueError(f"checkpoint has tensors this {cfg.architecture} model does not use: {extra[:5]}")
+
+    def weight_bytes_per_decode_step(self) -> int:
+        """Bytes of weights one decode step reads (embedding rows are gathered, not read whole)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if name == "embed_tokens.weight" and self.lm_head is not None:
+                continue
+            total += p.numel() * p.element_size()
+        return total

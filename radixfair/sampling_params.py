@@ -1,0 +1,93 @@
+"""Per-request sampling parameters with SGLang's names, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keep room for models with 128k context; the engine checks against its own limits too.
+MAX_NEW_TOKENS_LIMIT = 1 << 20
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        """Build from a JSON-style dict; unknown keys are an error (they are usually typos)."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {msg} (got {getattr(self, name)!r})")
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        check(is_int(self.max_new_tokens), "max_new_tokens", "must be an integer")
+        check(0 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, "max_new_tokens", "must be >= 0")
+        check(is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens", "must be an int >= 0")
+        check(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be <= max_new_tokens")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "must be -1 or >= 1")
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "must be in [-2, 2]")
+        check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "must be in [-2, 2]")
+        check(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
+              "must be in (0, 2]")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be a non-empty string or a list of non-empty strings")
+        check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of token ids >= 0")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
+        check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
+        check(is_int(self.n) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]")

@@ -1,0 +1,1 @@
+"""Scheduler and scheduling policies (pure Python, no torch)."""

@@ -1,0 +1,192 @@
+"""A request as the scheduler sees it: token ids, progress, cache ownership, accounting."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from radixfair.cache.allocator import SlotArray, empty_slots
+from radixfair.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixfair.cache.radix_cache import TreeNode
+
+
+class Detokenizer(Protocol):
+    """Streaming detokenizer owned by the request (see engine/tokenizer.py)."""
+
+    text: str
+
+    def add(self, token_ids: Sequence[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.type == "stop":
+            d["matched"] = self.matched
+        elif self.type == "length":
+            d["length"] = self.length
+        else:
+            d["message"] = self.message
+        return d
+
+
+@dataclass
+class TokenLogprob:
+    logprob: float | None
+    token_id: int
+    top: list[tuple[float, int]] | None = None
+
+
+_rid_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Req:
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    rid: str = field(default_factory=lambda: f"req-{next(_rid_counter)}")
+    client_id: str = "default"
+    weight: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no prompt logprobs
+    top_logprobs_num: int = 0
+    detokenizer: Detokenizer | None = None
+    on_output: Callable[[Req, bool], None] | None = None  # (req, finished) after each step
+
+    output_ids: list[int] = field(default_factory=list)
+    status: ReqStatus = ReqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    arrival_seq: int = field(default_factory=lambda: next(_rid_counter))
+
+    # KV ownership. `slots` covers the first len(slots) tokens of fill_ids; its first
+    # `prefix_len` entries belong to the radix tree (locked through `last_node`).
+    slots: SlotArray = field(default_factory=empty_slots)
+    prefix_len: int = 0
+    last_node: TreeNode | None = None
+    row: int = -1  # req_to_token row while it holds KV
+    cached_tokens: int = 0  # prompt tokens served from the cache on first admission
+    admitted_once: bool = False
+    num_retractions: int = 0
+
+    input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
+    aborted: bool = False
+    _stop_text_end: int | None = None  # cut point in the detokenized text once a stop string matched
+    _max_stop_len: int = 0
+
+    def __post_init__(self) -> None:
+        self._max_stop_len = max((len(s) for s in self.sampling_params.stop), default=0)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV the request needs before it can sample its next token."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.slots)
+
+    @property
+    def prompt_logprobs_wanted(self) -> bool:
+        return self.return_logprob and 0 <= self.logprob_start_len < len(self.origin_input_ids)
+
+    def max_prefix_len(self) -> int:
+        """Longest cached prefix the request may reuse: it must compute at least its last token
+        (to get logits), and every prompt position whose logprob it asked for."""
+        limit = len(self.fill_ids) - 1
+        if self.prompt_logprobs_wanted and not self.admitted_once:
+            limit = min(limit, max(self.logprob_start_len - 1, 0))
+        return max(limit, 0)
+
+    # ---- output text -------------------------------------------------------------------------
+    def output_text(self, final: bool = False) -> str:
+        """Text to show so far. While running, hold back a tail that could still grow into a
+        stop string, so a stream never shows text that the stop string later removes."""
+        if self.detokenizer is None:
+            return ""
+        text = self.detokenizer.text
+        if self._stop_text_end is not None:
+            return text[: self._stop_text_end]
+        if not final and not self.finished and self._max_stop_len > 1:
+            return text[: max(0, len(text) - (self._max_stop_len - 1))]
+        return text
+
+    def append_token(self, token_id: int) -> None:
+        """Add one sampled token and decide whether the request is now finished."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_ids.append(token_id)
+        sp = self.sampling_params
+        if self.detokenizer is not None:
+            self.detokenizer.add([token_id])
+        n = len(self.output_ids)
+        if n >= sp.min_new_tokens:
+            if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids):
+                self.finish(FinishReason("stop", matched=token_id))
+                return
+            if sp.stop and self.detokenizer is not None:
+                text = self.detokenizer.text
+                window_start = max(0, len(text) - self._max_stop_len - 16)
+                best: tuple[int, str] | None = None
+                for s in sp.stop:
+                    pos = text.find(s, window_start)
+                    if pos != -1 and (best is None or pos < best[0]):
+                        best = (pos, s)
+                if best is not None:
+                    self._stop_text_end = best[0]
+                    self.finish(FinishReason("stop", matched=best[1]))
+                    return
+        if n >= sp.max_new_tokens:
+            self.finish(FinishReason("length", length=n))
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.finish_time = time.monotonic()
+            if self.detokenizer is not None:
+                self.detokenizer.flush()
+
+    def abort(self, message: str = "aborted") -> None:
+        self.aborted = True
+        self.finish(FinishReason("abort", message=message))
+
+    def reset_kv(self) -> None:
+        self.slots = empty_slots()
+        self.prefix_len = 0
+        self.last_node = None
+        self.row = -1
+
+    @staticmethod
+    def concat_slots(a: SlotArray, b: SlotArray) -> SlotArray:
+        return np.concatenate([a, b]) if len(a) else b

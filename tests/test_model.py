@@ -1,0 +1,160 @@
+"""Our executor's logits against transformers' on tiny random models (the correctness reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import load_hf
+
+from radixfair.engine.loader import inspect_model, load_state_dict
+from radixfair.engine.model_runner import ModelRunner, RunnerConfig
+from radixfair.sampling_params import SamplingParams
+from radixfair.sched.batch import BatchMode, ScheduledBatch
+from radixfair.sched.request import Req
+
+TOL = 1e-4
+
+
+def make_runner(path: Path, pool: int = 512) -> ModelRunner:
+    files = inspect_model(str(path))
+    sd = load_state_dict(files, torch.float32)
+    return ModelRunner(files.config, sd, RunnerConfig(pool, 8, 1024), torch.float32, torch.device("cpu"))
+
+
+def hf_logits(model: object, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()  # type: ignore[operator]
+
+
+class SeqState:
+    """Hand-made KV bookkeeping for one sequence: row and slots, as the scheduler would keep them."""
+
+    def __init__(self, ids: list[int], row: int, first_slot: int) -> None:
+        self.ids = ids
+        self.row = row
+        self.slots = np.zeros(0, dtype=np.int64)
+        self.next_slot = first_slot
+
+    def take(self, n: int) -> np.ndarray:
+        # non-contiguous slots on purpose: the gather must not rely on adjacency
+        new = np.arange(self.next_slot, self.next_slot + 2 * n, 2, dtype=np.int64)
+        self.next_slot += 2 * n
+        self.slots = np.concatenate([self.slots, new])
+        return new
+
+
+def prefill_batch(seqs: list[tuple[SeqState, int, int]]) -> ScheduledBatch:
+    """seqs: (state, start, n): compute tokens [start, start+n) of each; logits at every position."""
+    ids, pos, out, rows, pre, ext, row_slots, lps = [], [], [], [], [], [], [], []
+    for st, start, n in seqs:
+        new = st.take(n)
+        ids += st.ids[start : start + n]
+        pos.append(np.arange(start, start + n))
+        out.append(new)
+        rows.append(st.row)
+        pre.append(start)
+        ext.append(n)
+        row_slots.append(st.slots.copy())
+        lps.append((np.arange(n - 1, dtype=np.int64), np.asarray(st.ids[start + 1 : start + n], dtype=np.int64)))
+    reqs = [Req(origin_input_ids=s.ids, sampling_params=SamplingParams(temperature=0)) for s, _, _ in seqs]
+    return ScheduledBatch(
+        mode=BatchMode.PREFILL,
+        reqs=reqs,
+        input_ids=np.asarray(ids, dtype=np.int64),
+        positions=np.concatenate(pos).astype(np.int64),
+        out_slots=np.concatenate(out),
+        rows=np.asarray(rows, dtype=np.int64),
+        prefix_lens=np.asarray(pre, dtype=np.int64),
+        extend_lens=np.asarray(ext, dtype=np.int64),
+        sample=[True] * len(seqs),
+        row_slots=row_slots,
+        logprob_positions=lps,
+    )
+
+
+def decode_batch(seqs: list[tuple[SeqState, int]]) -> ScheduledBatch:
+    """seqs: (state, position): feed token ids[position] of each."""
+    out = np.concatenate([st.take(1) for st, _ in seqs])
+    positions = np.asarray([p for _, p in seqs], dtype=np.int64)
+    reqs = [Req(origin_input_ids=s.ids, sampling_params=SamplingParams(temperature=0)) for s, _ in seqs]
+    return ScheduledBatch(
+        mode=BatchMode.DECODE,
+        reqs=reqs,
+        input_ids=np.asarray([st.ids[p] for st, p in seqs], dtype=np.int64),
+        positions=positions,
+        out_slots=out,
+        rows=np.asarray([st.row for st, _ in seqs], dtype=np.int64),
+        prefix_lens=positions.copy(),
+        extend_lens=np.ones(len(seqs), dtype=np.int64),
+        sample=[True] * len(seqs),
+    )
+
+
+def run_logits(runner: ModelRunner, batch: ScheduledBatch) -> torch.Tensor:
+    fb = runner._prepare(batch)
+    return runner.model(fb, runner.kv)
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_llama_tied", "tiny_qwen2"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
+
+
+def test_prefill_logits_match_transformers(model_dir: Path) -> None:
+    runner, hf = make_runner(model_dir), load_hf(model_dir)
+    rng = np.random.default_rng(0)
+    a = rng.integers(3, 300, 37).tolist()
+    b = rng.integers(3, 300, 11).tolist()
+    sa, sb = SeqState(a, 0, 0), SeqState(b, 1, 1)
+    got = run_logits(runner, prefill_batch([(sa, 0, len(a)), (sb, 0, len(b))]))
+    # rows: a's positions 0..35, a's last, b's 0..9, b's last
+    want_a, want_b = hf_logits(hf, a), hf_logits(hf, b)
+    torch.testing.assert_close(got[: len(a)], want_a, atol=TOL, rtol=0)
+    torch.testing.assert_close(got[len(a) :], want_b, atol=TOL, rtol=0)
+
+
+def test_chunked_prefill_and_decode_match_transformers(model_dir: Path) -> None:
+    runner, hf = make_runner(model_dir), load_hf(model_dir)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 300, 40).tolist()
+    want = hf_logits(hf, ids)
+    st = SeqState(ids, 2, 5)
+    # chunks of 9, 13, 10 then 8 decode steps
+    start = 0
+    for n in (9, 13, 10):
+        got = run_logits(runner, prefill_batch([(st, start, n)]))
+        torch.testing.assert_close(got, want[start : start + n], atol=TOL, rtol=0)
+        start += n
+    for p in range(start, len(ids)):
+        got = run_logits(runner, decode_batch([(st, p)]))
+        torch.testing.assert_close(got[0], want[p], atol=TOL, rtol=0)
+
+
+def test_batched_decode_with_mixed_lengths_matches_transformers(model_dir: Path) -> None:
+    runner, hf = make_runner(model_dir), load_hf(model_dir)
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(3, 300, n).tolist() for n in (5, 23, 14)]
+    wants = [hf_logits(hf, s) for s in seqs]
+    states = [SeqState(s, i, 100 * i + 1) for i, s in enumerate(seqs)]
+    prompt_lens = [3, 17, 9]
+    run_logits(runner, prefill_batch([(st, 0, n) for st, n in zip(states, prompt_lens, strict=True)]))
+    for step in range(5):
+        batch = [(st, n + step) for st, n in zip(states, prompt_lens, strict=True) if n + step < len(st.ids)]
+        got = run_logits(runner, decode_batch(batch))
+        for row, (st, p) in enumerate(batch):
+            torch.testing.assert_close(got[row], wants[states.index(st)][p], atol=TOL, rtol=0)
+
+
+def test_bfloat16_close_to_float32(tiny_llama: Path) -> None:
+    files = inspect_model(str(tiny_llama))
+    r32 = make_runner(tiny_llama)
+    r16 = ModelRunner(files.config, load_state_dict(files, torch.bfloat16), RunnerConfig(512, 8, 1024),
+                      torch.bfloat16, torch.device("cpu"))
+    ids = list(range(3, 30))
+    a = run_logits(r32, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
+    b = run_logits(r16, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
