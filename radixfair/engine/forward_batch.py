@@ -32,6 +32,6 @@ class ForwardBatch:
     logits_index: torch.Tensor  # [N] flat positions whose hidden states go through the LM head
     # decode only: padded slot table and validity mask of every request's whole sequence
     kv_index: torch.Tensor | None = None  # [B, Lmax]
-    kv_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] additive float mask (0 or -inf)
+    kv_mask: torch.Tensor | None = None  # [1, B, 1, Lmax] additive float mask (0 or -inf)
     # prefill only
     seqs: list[PrefillSeq] | None = None

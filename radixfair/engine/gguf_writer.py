@@ -122,8 +122,14 @@ def write_gguf(
         # GGUFWriter reverses numpy's shape itself, so the array is passed in torch order.
         writer.add_tensor(hf_to_gguf_name(hf_name), np.ascontiguousarray(t.numpy(), dtype=np.float32))
     if rs.rope_type == "llama3":
-        factors = llama3_rope_factors(config.head_dim, config.rope_theta, rs.factor, rs.low_freq_factor,
-                                      rs.high_freq_factor, rs.original_max_position_embeddings)
+        factors = llama3_rope_factors(
+            config.head_dim,
+            config.rope_theta,
+            rs.factor,
+            rs.low_freq_factor,
+            rs.high_freq_factor,
+            rs.original_max_position_embeddings,
+        )
         writer.add_tensor("rope_freqs.weight", factors)
 
     writer.write_header_to_file()
@@ -138,7 +144,9 @@ def _add_tokenizer(writer: Any, tokenizer_json_path: str, vocab_size: int, pre: 
         tok: dict[str, Any] = json.load(f)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ValueError(f"{tokenizer_json_path!r}: only BPE tokenizers can be written, got {model.get('type')!r}")
+        raise ValueError(
+            f"{tokenizer_json_path!r}: only BPE tokenizers can be written, got {model.get('type')!r}"
+        )
     by_id: dict[int, str] = {int(i): s for s, i in model.get("vocab", {}).items()}
     types: dict[int, int] = {}
     for added in tok.get("added_tokens", []):

@@ -6,8 +6,10 @@ import torch
 
 
 class KVPool:
-    """K and V for `size` token slots in every layer: `k[layer]` is `[size, kv_heads, head_dim]`.
+    """K and V for `size` token slots in every layer: `k[layer]` is `[kv_heads, size, head_dim]`.
 
+    Heads come first so that gathering a batch's slots yields `[kv_heads, B * L, head_dim]`,
+    which views as `[kv_heads, B, L, head_dim]`: a batched matmul operand with no copy.
     Slot indices come from the scheduler's `SlotAllocator`; this class only owns memory.
     """
 
@@ -23,10 +25,10 @@ class KVPool:
         self.size = size
         self.num_layers = num_layers
         self.k: list[torch.Tensor] = [
-            torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.zeros(num_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
         self.v: list[torch.Tensor] = [
-            torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.zeros(num_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
     @staticmethod
@@ -35,8 +37,9 @@ class KVPool:
         return 2 * num_layers * num_kv_heads * head_dim * itemsize
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Store `k`, `v` (`[T, kv_heads, head_dim]`) at `slots` (`[T]`)."""
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1))
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1))
 
 
 class ReqToTokenTable:

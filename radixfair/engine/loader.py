@@ -216,7 +216,9 @@ def _safetensors_files(folder: str, shown: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
             names = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"cannot read the shard index {index_path!r} of model folder {shown!r}: {e}") from e
+            raise ModelLoadError(
+                f"cannot read the shard index {index_path!r} of model folder {shown!r}: {e}"
+            ) from e
         files = [os.path.join(folder, n) for n in names]
         absent = [n for n, p in zip(names, files, strict=True) if not os.path.isfile(p)]
         if absent:
@@ -227,9 +229,7 @@ def _safetensors_files(folder: str, shown: str) -> list[str]:
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    found = sorted(
-        os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors")
-    )
+    found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
     if not found:
         raise ModelLoadError(
             f"model folder {shown!r} has no *.safetensors weights: expected model.safetensors or shards "
@@ -403,7 +403,9 @@ def _gguf_rope_scaling(reader: Any, arch: str, head_dim: int, rope_theta: float,
             kwargs["original_max_position_embeddings"] = int(orig_ctx)
         return RopeScaling(**kwargs)
     if scaling_type not in (None, "none", "linear"):
-        raise ModelLoadError(f"GGUF file {shown!r} uses rope scaling {scaling_type!r}: only linear and llama3 are supported")
+        raise ModelLoadError(
+            f"GGUF file {shown!r} uses rope scaling {scaling_type!r}: only linear and llama3 are supported"
+        )
     rope_freqs = next((t for t in reader.tensors if t.name == _GGUF_ROPE_FREQS), None)
     if rope_freqs is None:
         return RopeScaling()
@@ -412,10 +414,21 @@ def _gguf_rope_scaling(reader: Any, arch: str, head_dim: int, rope_theta: float,
     # those, take the factor from the largest divisor, and refuse the file if that does not
     # reproduce the stored divisors: running with the wrong rope would silently degrade output.
     stored = np.asarray(_dequantize(rope_freqs), dtype=np.float32).reshape(-1)
-    guess = RopeScaling(rope_type="llama3", factor=float(stored.max()), low_freq_factor=1.0,
-                        high_freq_factor=4.0, original_max_position_embeddings=int(orig_ctx or 8192))
-    rebuilt = llama3_rope_factors(head_dim, rope_theta, guess.factor, guess.low_freq_factor,
-                                  guess.high_freq_factor, guess.original_max_position_embeddings)
+    guess = RopeScaling(
+        rope_type="llama3",
+        factor=float(stored.max()),
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=int(orig_ctx or 8192),
+    )
+    rebuilt = llama3_rope_factors(
+        head_dim,
+        rope_theta,
+        guess.factor,
+        guess.low_freq_factor,
+        guess.high_freq_factor,
+        guess.original_max_position_embeddings,
+    )
     if rebuilt.shape != stored.shape or not np.allclose(rebuilt, stored, rtol=1e-3, atol=1e-4):
         raise ModelLoadError(
             f"GGUF file {shown!r} has a rope_freqs tensor that is not llama3 scaling with low_freq_factor=1, "
@@ -476,7 +489,9 @@ def _load_gguf(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, 
             continue  # already folded into config.rope_scaling by inspect_model
         hf_name = _gguf_to_hf_name(tensor.name)
         if hf_name is None:
-            raise ModelLoadError(f"GGUF file {path!r} has unexpected tensor {tensor.name!r}: unsupported model variant")
+            raise ModelLoadError(
+                f"GGUF file {path!r} has unexpected tensor {tensor.name!r}: unsupported model variant"
+            )
         try:
             arr = _dequantize(tensor)
         except (NotImplementedError, ValueError) as e:

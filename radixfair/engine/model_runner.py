@@ -124,7 +124,7 @@ class ModelRunner:
             kv_index = table[rows, :lmax]
             cols = torch.arange(lmax, device=self.device)
             valid = cols.unsqueeze(0) < seq_lens.unsqueeze(1)
-            kv_mask = torch.where(valid, 0.0, float("-inf")).view(len(batch.reqs), 1, 1, lmax)
+            kv_mask = torch.where(valid, 0.0, float("-inf")).view(1, len(batch.reqs), 1, lmax)
             return ForwardBatch(
                 mode=ForwardMode.DECODE,
                 input_ids=input_ids,

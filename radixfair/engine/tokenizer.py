@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,9 +225,7 @@ def _plain_template_data(value: Any) -> Any:
     """
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # subclasses (enums, numpy strings) would carry their extra methods along
         return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
@@ -276,7 +274,9 @@ def _normalize_message(message: Any) -> dict[str, Any]:
 
 def _gguf_reader(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]) -> tuple[gguf.GGUFReader, str]:
     if not isinstance(reader_or_path, (str, os.PathLike)):
-        return reader_or_path, str(getattr(reader_or_path, "data", "<GGUFReader>"))
+        # GGUFReader memory-maps the file; the memmap remembers the path, which makes errors point somewhere.
+        filename = getattr(getattr(reader_or_path, "data", None), "filename", None)
+        return reader_or_path, str(filename or "<GGUFReader>")
     path = os.fspath(reader_or_path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -284,7 +284,7 @@ def _gguf_reader(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]) -> tu
 
     try:
         return gguf.GGUFReader(path), path
-    except (ValueError, OSError, IndexError) as e:
+    except (ValueError, OSError, IndexError, KeyError) as e:
         raise ValueError(f"Cannot read {path} as a GGUF file: {e}") from e
 
 
@@ -311,18 +311,20 @@ def _merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) -
     """Recover BPE merges from a SentencePiece vocabulary's piece scores (what transformers' converter does).
 
     SentencePiece BPE applies the merge producing the highest-scoring piece first, so every way of splitting a
-    piece into two known pieces becomes a merge ranked by the piece's score; ties go to the shorter left piece
-    and then to vocabulary order, matching `transformers.convert_slow_tokenizer.generate_merges`.
+    piece into two known pieces becomes a merge ranked by the piece's score. Ties are broken exactly as in
+    `transformers.tokenization_utils_base.generate_merges` (longer left piece, longer right piece, then piece
+    order, then the ids of the two halves), so both produce the same ids.
     """
-    ranked: list[tuple[float, int, int, int, int, str, str]] = []
-    for piece, score in scores.items():
+    ranked: list[tuple[float, int, int, int, int, int, str, str]] = []
+    for order, (piece, score) in enumerate(scores.items()):
         for i in range(1, len(piece)):
             left, right = piece[:i], piece[i:]
             if left in vocab and right in vocab:
-                ranked.append((-score, len(left), len(right), vocab[left], vocab[right], left, right))
-    # Python's sort is stable, but sorting on the full key makes the order independent of dict iteration.
-    ranked.sort(key=lambda r: (r[0], -r[1], -r[2], r[3], r[4]))
-    return [(r[5], r[6]) for r in ranked]
+                ranked.append(
+                    (-score, -len(left), -len(right), order, vocab[left], vocab[right], left, right)
+                )
+    ranked.sort(key=lambda r: r[:6])
+    return [(r[6], r[7]) for r in ranked]
 
 
 def _build_byte_level_bpe(
@@ -414,7 +416,7 @@ def _build_sentencepiece_bpe(
     return tk
 
 
-def _unique(ids: Iterator[int | None]) -> tuple[int, ...]:
+def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
     out: list[int] = []
     for i in ids:
         if i is not None and i not in out:
@@ -526,25 +528,28 @@ class Tokenizer:
         bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
         unk_id, pad_id = token_id("unknown_token_id"), token_id("padding_token_id")
 
-        if model == "gpt2":
-            pre = str(_gguf_get(reader, "tokenizer.ggml.pre", "default"))
-            if raw_merges is None:
-                raise ValueError(f"{where}: byte-level BPE vocabulary without tokenizer.ggml.merges")
-            backend = _build_byte_level_bpe(tokens, token_types, _gguf_merges(raw_merges), pre)
-            default_add_bos = False
-        elif model == "llama":
-            add_space_prefix = bool(_gguf_get(reader, "tokenizer.ggml.add_space_prefix", True))
-            scores = _gguf_get(reader, "tokenizer.ggml.scores")
-            backend = _build_sentencepiece_bpe(
-                tokens, token_types, scores, raw_merges, unk_id, add_space_prefix
-            )
-            # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
-            default_add_bos = True
-        else:
+        if model not in ("gpt2", "llama"):
             raise ValueError(
                 f"{where}: unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model); "
                 "supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE)"
             )
+        try:
+            if model == "gpt2":
+                pre = str(_gguf_get(reader, "tokenizer.ggml.pre", "default"))
+                if raw_merges is None:
+                    raise ValueError("byte-level BPE vocabulary without tokenizer.ggml.merges")
+                backend = _build_byte_level_bpe(tokens, token_types, _gguf_merges(raw_merges), pre)
+                default_add_bos = False
+            else:
+                add_space_prefix = bool(_gguf_get(reader, "tokenizer.ggml.add_space_prefix", True))
+                scores = _gguf_get(reader, "tokenizer.ggml.scores")
+                backend = _build_sentencepiece_bpe(
+                    tokens, token_types, scores, raw_merges, unk_id, add_space_prefix
+                )
+                # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
+                default_add_bos = True
+        except Exception as e:  # tokenizers reports inconsistent vocab/merges as a bare Exception
+            raise ValueError(f"{where}: invalid {model!r} tokenizer metadata: {e}") from e
 
         # Control tokens (and <unk>) are special: parsed whole from text and dropped by skip_special_tokens.
         # User-defined tokens (e.g. <think>) are parsed whole too but are ordinary text when decoding, which is
@@ -582,7 +587,7 @@ class Tokenizer:
             backend,
             vocab_size=len(tokens),  # the embedding size; the backend may count duplicate spellings once
             bos_token_id=bos_id,
-            eos_token_ids=_unique(iter(eos_ids)),
+            eos_token_ids=_unique(eos_ids),
             pad_token_id=pad_id,
             unk_token_id=unk_id,
             chat_templates=templates,
@@ -653,7 +658,7 @@ class Tokenizer:
         return Tokenizer(
             backend,
             bos_token_id=bos_id,
-            eos_token_ids=_unique(iter(eos_ids)),
+            eos_token_ids=_unique(eos_ids),
             pad_token_id=pad_id,
             unk_token_id=unk_id,
             chat_templates=templates,
@@ -777,7 +782,6 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self.num_prompt_tokens = len(prompt_ids)
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: a token already emitted, re-decoded for context
         self._read_offset = 0  # tokens before this are emitted

@@ -109,16 +109,14 @@ class Attention(nn.Module):
         b, lmax = batch.kv_index.shape
         group = self.num_heads // self.num_kv_heads
         flat = batch.kv_index.view(-1)
-        # [B, KVH, L, D]; grouping q heads by kv head avoids materializing repeated K/V for GQA
-        k = kv.k[self.layer_id].index_select(0, flat).view(b, lmax, self.num_kv_heads, self.head_dim)
-        v = kv.v[self.layer_id].index_select(0, flat).view(b, lmax, self.num_kv_heads, self.head_dim)
-        k = k.permute(0, 2, 3, 1)  # [B, KVH, D, L]
-        v = v.transpose(1, 2)  # [B, KVH, L, D]
-        qg = q.view(b, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(qg, k).float() * self.scale + batch.kv_mask  # [B, KVH, G, L]
+        # [KVH, B, L, D]; grouping q heads by their kv head avoids repeating K/V for GQA
+        k = kv.k[self.layer_id].index_select(1, flat).view(self.num_kv_heads, b, lmax, self.head_dim)
+        v = kv.v[self.layer_id].index_select(1, flat).view(self.num_kv_heads, b, lmax, self.head_dim)
+        qg = q.view(b, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale + batch.kv_mask  # [KVH, B, G, L]
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)  # [B, KVH, G, D]
-        return out.reshape(b, self.q_size)
+        out = torch.matmul(probs, v)  # [KVH, B, G, D]
+        return out.transpose(0, 1).reshape(b, self.q_size)
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVPool
@@ -128,19 +126,19 @@ class Attention(nn.Module):
         for s in batch.seqs:
             qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
             if s.prefix_len == 0:
-                ks = k[s.q_start : s.q_start + s.q_len]
-                vs = v[s.q_start : s.q_start + s.q_len]
+                ks = k[s.q_start : s.q_start + s.q_len].transpose(0, 1)
+                vs = v[s.q_start : s.q_start + s.q_len].transpose(0, 1)
                 mask = None
             else:
                 assert s.kv_index is not None
-                ks = kv.k[self.layer_id].index_select(0, s.kv_index)
-                vs = kv.v[self.layer_id].index_select(0, s.kv_index)
+                ks = kv.k[self.layer_id].index_select(1, s.kv_index)  # [KVH, L, D]
+                vs = kv.v[self.layer_id].index_select(1, s.kv_index)
                 # query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i
                 total = s.prefix_len + s.q_len
                 qpos = torch.arange(s.q_len, device=q.device).unsqueeze(1) + s.prefix_len
                 mask = torch.arange(total, device=q.device).unsqueeze(0) <= qpos
-            ks = ks.transpose(0, 1).unsqueeze(0)
-            vs = vs.transpose(0, 1).unsqueeze(0)
+            ks = ks.unsqueeze(0)
+            vs = vs.unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
