@@ -76,6 +76,7 @@ def hf_model_from_engine(engine: Any) -> Any:
             "high_freq_factor": rs.high_freq_factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings,
         }
+    model: Any
     if cfg.architecture == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:

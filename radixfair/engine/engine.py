@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from radixfair.engine.loader import inspect_model, load_state_dict
+from radixfair.engine.loader import inspect_model, load_state_dict, open_gguf
 from radixfair.engine.model_runner import (
     ModelRunner,
     RunnerConfig,
@@ -66,7 +66,7 @@ class EngineArgs:
 @dataclass
 class _Submit:
     req: Req
-    sink: Callable[[dict[str, Any]], None]
+    sink: Callable[[dict[str, Any]], object]
 
 
 @dataclass
@@ -90,7 +90,10 @@ class Engine:
         if args is None:
             args = EngineArgs.from_kwargs(model=model, **kwargs)
         elif model is not None or kwargs:
-            args = replace(args, **({"model": model} if model is not None else {}), **kwargs)
+            overrides: dict[str, Any] = dict(kwargs)
+            if model is not None:
+                overrides["model"] = model
+            args = replace(args, **overrides)
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
@@ -99,7 +102,7 @@ class Engine:
         self.model_path = files.path
         self.model_config = files.config
         self.tokenizer = (
-            Tokenizer.from_gguf(files.path) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
+            Tokenizer.from_gguf(open_gguf(files.path)) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
         )
         self.device = select_device(args.device)
         self.dtype = select_dtype(args.dtype, self.device, files.config)
@@ -134,7 +137,7 @@ class Engine:
             make_policy(args.schedule_policy),
         )
         self._inbox: queue.Queue[Any] = queue.Queue()
-        self._outputs: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._outputs: dict[str, Callable[[dict[str, Any]], object]] = {}
         self._stopped = False
         self.last_invariant: tuple[int, int, int] | None = None
         self.invariant_violations = 0
@@ -168,7 +171,7 @@ class Engine:
         return results[0] if single else results
 
     def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
-        return self.generate(prompt, stream=True, **kwargs)  # type: ignore[no-any-return]
+        return self.generate(prompt, stream=True, **kwargs)
 
     async def async_generate(self, req: Req) -> AsyncIterator[dict[str, Any]]:
         """Stream a prepared request's outputs into an asyncio consumer (used by the HTTP server)."""
@@ -276,10 +279,10 @@ class Engine:
                 "max_total_tokens": s.config.max_total_tokens,
             }
 
-        return self._call(snap)  # type: ignore[no-any-return]
+        return self._call(snap)
 
     def check_invariant(self) -> tuple[int, int, int]:
-        return self._call(self.scheduler.check_invariant)  # type: ignore[no-any-return]
+        return self._call(self.scheduler.check_invariant)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

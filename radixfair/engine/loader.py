@@ -262,6 +262,11 @@ def _load_hf(folder: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, 
 # GGUF files
 
 
+def open_gguf(path: str) -> Any:
+    """The (cached) `gguf.GGUFReader` of `path`, so the tokenizer reuses the parse of the weights."""
+    return _open_gguf(path, path)
+
+
 def _open_gguf(path: str, shown: str) -> Any:
     try:
         st = os.stat(path)

@@ -34,8 +34,16 @@ def select_dtype(dtype: str, device: torch.device, config: ModelConfig) -> torch
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.float16 if config.torch_dtype == "float16" else torch.bfloat16
-    # CPUs without bf16 matmul units run float32 faster; bf16 stays available explicitly
-    return torch.float32
+    # bf16 matmuls run 2-3x faster than float32 on CPUs with native bf16 (AVX512-BF16, AMX);
+    # elsewhere they are emulated and slower, so float32 wins there
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass(frozen=True)
