@@ -18,10 +18,10 @@ from radixfair.sched.request import Req
 TOL = 1e-4
 
 
-def make_runner(path: Path, pool: int = 512) -> ModelRunner:
+def make_runner(path: Path, pool: int = 512, rows: int = 16) -> ModelRunner:
     files = inspect_model(str(path))
     sd = load_state_dict(files, torch.float32)
-    return ModelRunner(files.config, sd, RunnerConfig(pool, 8, 1024), torch.float32, torch.device("cpu"))
+    return ModelRunner(files.config, sd, RunnerConfig(pool, rows, 1024), torch.float32, torch.device("cpu"))
 
 
 def hf_logits(model: object, ids: list[int]) -> torch.Tensor:
@@ -158,3 +158,20 @@ def test_bfloat16_close_to_float32(tiny_llama: Path) -> None:
     b = run_logits(r16, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
     assert b.dtype == torch.float32
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+
+
+def test_length_grouped_decode_matches_transformers(tiny_llama: Path) -> None:
+    """A decode batch wide and uneven enough to be split into length groups (see _decode_groups)."""
+    lens = [10, 900, 20, 800, 50, 700, 15, 600, 400, 30, 100, 950]
+    starts = np.cumsum([0] + [2 * (n + 2) for n in lens]).tolist()
+    runner, hf = make_runner(tiny_llama, pool=starts[-1]), load_hf(tiny_llama)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(3, 300, n + 2).tolist() for n in lens]
+    states = [SeqState(s, i, starts[i]) for i, s in enumerate(seqs)]
+    run_logits(runner, prefill_batch([(st, 0, n) for st, n in zip(states, lens, strict=True)]))
+    batch = decode_batch([(st, n) for st, n in zip(states, lens, strict=True)])
+    groups = runner._prepare(batch).decode_groups
+    assert groups is not None and len(groups) > 1, "the batch should be split into length groups"
+    got = run_logits(runner, batch)
+    for row, (s, n) in enumerate(zip(seqs, lens, strict=True)):
+        torch.testing.assert_close(got[row], hf_logits(hf, s)[n], atol=TOL, rtol=0)

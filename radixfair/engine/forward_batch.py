@@ -24,14 +24,22 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeGroup:
+    """Requests of a decode batch whose sequences are padded to a common length together."""
+
+    index: torch.Tensor | None  # rows of the batch in this group; None: the whole batch, in order
+    kv_index: torch.Tensor  # [b, Lmax] slots of each sequence (padding points at a valid slot)
+    kv_mask: torch.Tensor  # [1, b, 1, Lmax] additive float mask (0 or -inf)
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T] flat
     positions: torch.Tensor  # [T]
     out_slots: torch.Tensor  # [T] KV slots the new tokens are written to
     logits_index: torch.Tensor  # [N] flat positions whose hidden states go through the LM head
-    # decode only: padded slot table and validity mask of every request's whole sequence
-    kv_index: torch.Tensor | None = None  # [B, Lmax]
-    kv_mask: torch.Tensor | None = None  # [1, B, 1, Lmax] additive float mask (0 or -inf)
+    # decode only: the batch split into groups of similar sequence length (less padding)
+    decode_groups: list[DecodeGroup] | None = None
     # prefill only
     seqs: list[PrefillSeq] | None = None

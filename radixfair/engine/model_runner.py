@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from radixfair.engine.forward_batch import ForwardBatch, ForwardMode, PrefillSeq
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
@@ -17,6 +17,10 @@ from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 
 logger = logging.getLogger(__name__)
+
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 4  # requests
+GROUP_OVERHEAD_TOKENS = 2048
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,8 +110,6 @@ class ModelRunner:
         )
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
-        # decode attention masks columns past each sequence's end with -inf
-        self._neg_inf = torch.tensor(float("-inf"), device=device)
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
@@ -125,22 +127,14 @@ class ModelRunner:
         out_slots = self._tensor(batch.out_slots)
         if batch.mode is BatchMode.DECODE:
             rows = self._tensor(batch.rows)
-            pos = positions
-            table[rows, pos] = out_slots
-            seq_lens = pos + 1
-            lmax = int(batch.positions.max()) + 1
-            kv_index = table[rows, :lmax]
-            cols = torch.arange(lmax, device=self.device)
-            valid = cols.unsqueeze(0) < seq_lens.unsqueeze(1)
-            kv_mask = torch.where(valid, 0.0, float("-inf")).view(1, len(batch.reqs), 1, lmax)
+            table[rows, positions] = out_slots
             return ForwardBatch(
                 mode=ForwardMode.DECODE,
                 input_ids=input_ids,
                 positions=positions,
                 out_slots=out_slots,
                 logits_index=torch.arange(len(batch.reqs), device=self.device),
-                kv_index=kv_index,
-                kv_mask=kv_mask,
+                decode_groups=self._decode_groups(batch, rows),
             )
         seqs: list[PrefillSeq] = []
         logits_pos: list[np.ndarray] = []
@@ -168,6 +162,42 @@ class ModelRunner:
             logits_index=self._tensor(index),
             seqs=seqs,
         )
+
+    def _decode_groups(self, batch: ScheduledBatch, rows: torch.Tensor) -> list[DecodeGroup]:
+        """Split the batch by sequence length so that short sequences are not padded to the longest.
+
+        Decode attention gathers and multiplies `B x Lmax` K/V entries; with lengths spread over
+        a wide range most of that is padding. Each extra group costs a few small kernels per
+        layer, worth about `GROUP_OVERHEAD_TOKENS` padded entries.
+        """
+        seq_lens = batch.positions + 1
+        order = np.argsort(seq_lens, kind="stable")
+        lens_sorted = seq_lens[order]
+        b = len(order)
+        best_k, best_cost = 1, b * int(lens_sorted[-1])
+        for k in range(2, min(MAX_DECODE_GROUPS, b // MIN_DECODE_GROUP) + 1):
+            bounds = np.linspace(0, b, k + 1).astype(int)
+            cost = sum((bounds[i + 1] - bounds[i]) * int(lens_sorted[bounds[i + 1] - 1]) for i in range(k))
+            cost += (k - 1) * GROUP_OVERHEAD_TOKENS
+            if cost < best_cost:
+                best_k, best_cost = k, cost
+        if best_k == 1:
+            return [self._group(None, rows, int(lens_sorted[-1]), self._tensor(seq_lens))]
+        groups = []
+        bounds = np.linspace(0, b, best_k + 1).astype(int)
+        for i in range(best_k):
+            idx_np = order[bounds[i] : bounds[i + 1]]
+            idx = self._tensor(idx_np)
+            groups.append(self._group(idx, rows.index_select(0, idx), int(seq_lens[idx_np].max()),
+                                      self._tensor(seq_lens[idx_np])))
+        return groups
+
+    def _group(self, idx: torch.Tensor | None, rows: torch.Tensor, lmax: int, seq_lens: torch.Tensor) -> DecodeGroup:
+        kv_index = self.req_to_token.table[rows, :lmax]
+        cols = torch.arange(lmax, device=self.device)
+        valid = cols.unsqueeze(0) < seq_lens.unsqueeze(1)
+        kv_mask = torch.where(valid, 0.0, float("-inf")).view(1, len(rows), 1, lmax)
+        return DecodeGroup(idx, kv_index, kv_mask)
 
     # ---- sampling and logprobs -----------------------------------------------------------------
     def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> BatchOutput:

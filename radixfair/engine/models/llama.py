@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfair.engine.forward_batch import ForwardBatch, ForwardMode
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode
 from radixfair.engine.kv_pool import KVPool
 from radixfair.engine.model_config import ModelConfig, RopeScaling
 
@@ -101,15 +101,25 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        assert batch.kv_index is not None and batch.kv_mask is not None
-        b, lmax = batch.kv_index.shape
+        assert batch.decode_groups is not None
+        groups = batch.decode_groups
+        if len(groups) == 1 and groups[0].index is None:
+            return self._decode_group(q, groups[0], kv)
+        out = torch.empty(q.shape[0], self.q_size, dtype=q.dtype, device=q.device)
+        for g in groups:
+            assert g.index is not None
+            out.index_copy_(0, g.index, self._decode_group(q.index_select(0, g.index), g, kv))
+        return out
+
+    def _decode_group(self, q: torch.Tensor, g: DecodeGroup, kv: KVPool) -> torch.Tensor:
+        b, lmax = g.kv_index.shape
         group = self.num_heads // self.num_kv_heads
-        flat = batch.kv_index.view(-1)
+        flat = g.kv_index.view(-1)
         # [KVH, B, L, D]; grouping q heads by their kv head avoids repeating K/V for GQA
         k = kv.k[self.layer_id].index_select(1, flat).view(self.num_kv_heads, b, lmax, self.head_dim)
         v = kv.v[self.layer_id].index_select(1, flat).view(self.num_kv_heads, b, lmax, self.head_dim)
         qg = q.view(b, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [KVH, B, G, D]
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale + batch.kv_mask  # [KVH, B, G, L]
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale + g.kv_mask  # [KVH, B, G, L]
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v)  # [KVH, B, G, D]
         return out.transpose(0, 1).reshape(b, self.q_size)
