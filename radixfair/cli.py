@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from radixfair.bench.engine_bench import add_parser as add_engine_bench
+    from radixfair.bench import engine_bench, prefix_bench
 
-    add_engine_bench(bsub)
+    engine_bench.add_parser(bsub)
+    prefix_bench.add_parser(bsub)
     return p
 
 

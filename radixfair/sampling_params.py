@@ -8,6 +8,7 @@ from typing import Any
 
 # Keep room for models with 128k context; the engine checks against its own limits too.
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -52,7 +53,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # dividing logits by a vanishing temperature overflows; it means argmax anyway (as in SGLang)
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,14 @@ from radixfair.sched.batch import BatchMode, ScheduledBatch
 from radixfair.sched.request import Req
 
 TOL = 1e-4
+# RADIXFAIR_TEST_DEVICE=cuda runs the executor checks on a GPU (transformers stays on the CPU)
+DEVICE = torch.device(os.environ.get("RADIXFAIR_TEST_DEVICE", "cpu"))
 
 
 def make_runner(path: Path, pool: int = 512, rows: int = 16) -> ModelRunner:
     files = inspect_model(str(path))
     sd = load_state_dict(files, torch.float32)
-    return ModelRunner(files.config, sd, RunnerConfig(pool, rows, 1024), torch.float32, torch.device("cpu"))
+    return ModelRunner(files.config, sd, RunnerConfig(pool, rows, 1024), torch.float32, DEVICE)
 
 
 def hf_logits(model: object, ids: list[int]) -> torch.Tensor:
@@ -95,7 +98,7 @@ def decode_batch(seqs: list[tuple[SeqState, int]]) -> ScheduledBatch:
 
 def run_logits(runner: ModelRunner, batch: ScheduledBatch) -> torch.Tensor:
     fb = runner._prepare(batch)
-    return runner.model(fb, runner.kv)
+    return runner.model(fb, runner.kv).cpu()
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_llama_tied", "tiny_qwen2"])
@@ -152,7 +155,7 @@ def test_bfloat16_close_to_float32(tiny_llama: Path) -> None:
     files = inspect_model(str(tiny_llama))
     r32 = make_runner(tiny_llama)
     r16 = ModelRunner(files.config, load_state_dict(files, torch.bfloat16), RunnerConfig(512, 8, 1024),
-                      torch.bfloat16, torch.device("cpu"))
+                      torch.bfloat16, DEVICE)
     ids = list(range(3, 30))
     a = run_logits(r32, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
     b = run_logits(r16, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))

@@ -228,7 +228,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-total-tokens", type=int, default=65536)
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
     p.add_argument("--chunked-prefill-size", type=int, default=2048)

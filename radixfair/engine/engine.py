@@ -202,8 +202,10 @@ class Engine:
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt (text) or input_ids")
         if input_ids is not None:
-            ids_list = [input_ids] if input_ids and isinstance(input_ids[0], int) else input_ids
-            token_lists = [self._check_ids(list(x)) for x in ids_list]  # type: ignore[arg-type]
+            if not isinstance(input_ids, list) or not input_ids:
+                raise ValueError("input_ids is empty: give at least one token id (or a list of lists)")
+            ids_list = [input_ids] if isinstance(input_ids[0], int) else input_ids
+            token_lists = [self._check_ids(list(x)) for x in ids_list]
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
@@ -352,13 +354,18 @@ class Engine:
             if item is _STOP:
                 return False
             if isinstance(item, _Submit):
-                self._outputs[item.req.rid] = item.sink
+                req = item.req
                 try:
-                    self.scheduler.add_request(item.req)
+                    if req.rid in self._outputs:
+                        raise ValueError(f"duplicate request id {req.rid!r}: it is already in use")
+                    self.scheduler.add_request(req)
+                    self._outputs[req.rid] = item.sink
                 except ValueError as e:
-                    item.req.abort(str(e))
-                    item.req.error = str(e)
-                    self._emit(item.req, True)
+                    # answer through this request's own sink: an existing request with the same
+                    # rid keeps its sink
+                    req.abort(str(e))
+                    req.error = str(e)
+                    item.sink(self.result_dict(req, True))
             elif isinstance(item, _Abort):
                 self.scheduler.abort(item.rid)
             elif isinstance(item, _Call):

@@ -122,6 +122,8 @@ class ModelRunner:
     # ---- batch preparation ---------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         table = self.req_to_token.table
+        for row, slots in batch.row_updates:
+            table[row, : len(slots)] = self._tensor(slots)
         input_ids = self._tensor(batch.input_ids)
         positions = self._tensor(batch.positions)
         out_slots = self._tensor(batch.out_slots)

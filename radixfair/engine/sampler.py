@@ -103,7 +103,8 @@ class Sampler:
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
         probs = torch.softmax(logits / temps.unsqueeze(1), dim=-1)
         if any(p.top_k > 0 for p in params):
-            ks = [p.top_k if p.top_k > 0 else probs.shape[1] for p in params]
+            vocab = probs.shape[1]
+            ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
             kmax = max(ks)
             kth = probs.topk(kmax, dim=-1).values  # [B, kmax] descending
             idx = torch.tensor([k - 1 for k in ks], device=logits.device).unsqueeze(1)

@@ -44,6 +44,7 @@ _TOKEN_TYPE_NORMAL = 1
 _TOKEN_TYPE_UNKNOWN = 2
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+_TOKEN_TYPE_UNUSED = 5  # padding rows past the real vocabulary (llama.cpp's [PADn])
 
 # Split regexes of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`. They are the patterns of the
 # corresponding HF tokenizer.json files (and of transformers' GGUF loader); a different split changes which
@@ -558,7 +559,10 @@ class Tokenizer:
         user: list[AddedToken] = []
         for i, tok in enumerate(tokens):
             ttype = token_types[i] if i < len(token_types) else _TOKEN_TYPE_NORMAL
-            if ttype == _TOKEN_TYPE_CONTROL or (ttype == _TOKEN_TYPE_UNKNOWN and model == "llama"):
+            # unused padding tokens are special too, so that decoding drops them as llama.cpp does
+            if ttype in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_UNUSED) or (
+                ttype == _TOKEN_TYPE_UNKNOWN and model == "llama"
+            ):
                 special.append(AddedToken(tok, special=True, normalized=False))
             elif ttype == _TOKEN_TYPE_USER_DEFINED:
                 user.append(AddedToken(tok, special=False, normalized=False))

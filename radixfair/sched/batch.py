@@ -31,6 +31,9 @@ class ScheduledBatch:
     sample: list[bool]  # [B] whether a token is sampled for the request after this pass
     # prefill only: slots to write into each request's req_to_token row, from position 0
     row_slots: list[IntArray] = field(default_factory=list)
+    # any mode, applied first: (row, slots from position 0) of running requests whose slots the
+    # scheduler swapped for the tree's copies after their last pass
+    row_updates: list[tuple[int, IntArray]] = field(default_factory=list)
     # prefill only: per request, extend-relative positions whose next-token logprob is wanted,
     # and the token ids those positions predict (prompt logprobs); None when not wanted
     logprob_positions: list[tuple[IntArray, IntArray] | None] = field(default_factory=list)

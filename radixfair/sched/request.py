@@ -148,7 +148,9 @@ class Req:
             self.first_token_time = time.monotonic()
         self.output_ids.append(token_id)
         sp = self.sampling_params
+        prev_len = 0
         if self.detokenizer is not None:
+            prev_len = len(self.detokenizer.text)
             self.detokenizer.add([token_id])
         n = len(self.output_ids)
         if n >= sp.min_new_tokens:
@@ -157,7 +159,8 @@ class Req:
                 return
             if sp.stop and self.detokenizer is not None:
                 text = self.detokenizer.text
-                window_start = max(0, len(text) - self._max_stop_len - 16)
+                # a match must end in the new text; it may start up to max_stop_len - 1 chars before it
+                window_start = max(0, prev_len - self._max_stop_len + 1)
                 best: tuple[int, str] | None = None
                 for s in sp.stop:
                     pos = text.find(s, window_start)

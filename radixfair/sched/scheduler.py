@@ -67,6 +67,7 @@ class Scheduler:
         self._free_rows = list(range(config.max_running_requests + 1))[::-1]
         self._by_rid: dict[str, Req] = {}
         self._dropped: list[Req] = []  # left without a batch (aborted while waiting, pool too small)
+        self._dirty_rows: list[Req] = []  # slots changed since the executor last wrote their rows
 
     @property
     def num_rows(self) -> int:
@@ -171,8 +172,9 @@ class Scheduler:
         cfg = self.config
         if not self.waiting and self.chunked_req is None:
             return None
-        token_budget = cfg.max_prefill_tokens
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else None
+        # as in SGLang, the chunk size bounds the whole prefill batch, not just one request
+        token_budget = min(cfg.max_prefill_tokens, chunk) if chunk is not None else cfg.max_prefill_tokens
         reserve = self._decode_reserve(self.running)
         admitted: list[tuple[Req, int]] = []  # (req, extend tokens this pass)
         batch_index = None if cfg.disable_radix_cache else RadixCache(SlotAllocator(1))
@@ -305,6 +307,7 @@ class Scheduler:
             logprob_positions.append(self._prompt_logprob_positions(req, start, take))
             self.stats.prefill_tokens += take
         return ScheduledBatch(
+            row_updates=self._take_row_updates(),
             mode=BatchMode.PREFILL,
             reqs=[r for r, _ in admitted],
             input_ids=np.asarray(ids, dtype=np.int64),
@@ -347,6 +350,7 @@ class Scheduler:
             req.slots = Req.concat_slots(req.slots, new[i : i + 1])
         self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
         return ScheduledBatch(
+            row_updates=self._take_row_updates(),
             mode=BatchMode.DECODE,
             reqs=reqs,
             input_ids=ids,
@@ -358,6 +362,11 @@ class Scheduler:
             sample=[True] * len(reqs),
         )
 
+    def _take_row_updates(self) -> list[tuple[int, IntArray]]:
+        updates = [(r.row, r.slots) for r in self._dirty_rows if r.row >= 0 and not r.finished]
+        self._dirty_rows = []
+        return updates
+
     def _make_room(self, need: int) -> None:
         """Ensure `need` free slots for a decode step, evicting then retracting the newest requests."""
         while True:
@@ -367,6 +376,13 @@ class Scheduler:
                 self.tree.evict(need - self.allocator.available())
                 if self.allocator.available() >= need:
                     return
+            if self.chunked_req is not None:
+                # a half-prefilled prompt yields before any decoding request: its chunks stay in
+                # the tree and it resumes from there
+                partial = self.chunked_req
+                self.chunked_req = None
+                self._retract(partial)
+                continue
             if len(self.running) <= 1:
                 req = self.running[0] if self.running else None
                 if req is None:
@@ -458,7 +474,10 @@ class Scheduler:
         key = req.fill_ids[:n_kv]
         dup = self.tree.insert(key, req.slots)
         if dup > req.prefix_len:
+            # the tree already held these tokens (another request computed them meanwhile): use its
+            # slots and free ours; the executor's row must then be rewritten before the next pass
             self.allocator.free(req.slots[req.prefix_len : dup])
+            self._dirty_rows.append(req)
         m = self.tree.match_prefix(key)
         assert len(m.slots) == n_kv, "the tree must now hold the whole computed sequence"
         assert req.last_node is not None
