@@ -24,10 +24,9 @@ from radixfair.engine.engine import Engine
 from radixfair.sched.batch import BatchMode, ScheduledBatch
 
 TIMEOUT = 60.0
-# Big enough that the shared engine's allocator never runs out of never-used slots: a freed slot is
-# then never handed out again during these tests, which keeps the stale req_to_token bug (see
-# test_repeated_prompt_under_memory_pressure_gives_the_same_output) out of the tests about other things.
-POOL = 65536
+# Small enough that the shared engine evicts and hands freed slots out again during the module (the eos
+# search alone runs 128 requests of 50 tokens), so slot reuse is exercised by every later test.
+POOL = 4096
 EOS = 2  # <|im_end|> in the tiny byte-level tokenizer
 
 _rng = random.Random(1234)
@@ -201,7 +200,7 @@ def test_engine_configurations_give_identical_outputs(
         assert run_batch(eng, PROMPTS[::-1], MAX_NEW[::-1]) == reference[::-1]
         prefills = [ext for mode, ext in rec.batches if mode is BatchMode.PREFILL]
         if config.get("chunked_prefill_size") == 16:
-            assert max(max(ext) for ext in prefills) <= 16
+            assert max(sum(ext) for ext in prefills) <= 16, "the chunk size bounds the whole prefill batch"
             assert len(prefills) >= sum(-(-len(p) // 16) for p in LONG)
         if config.get("max_running_requests") == 2:
             assert max(len(ext) for _, ext in rec.batches) <= 2
@@ -256,6 +255,9 @@ def test_repeated_prompt_under_memory_pressure_gives_the_same_output(tiny_llama:
     eng = make_engine(tiny_llama, max_total_tokens=100)
     try:
         runs = [run_batch(eng, [prompt], [60])[0] for _ in range(3)]
+        assert_idle_pool(eng)
+        # in-batch duplicates too: each copy computes the prompt, all but one are deduplicated
+        assert run_batch(eng, [prompt[:10]] * 3, [25] * 3) == [run_batch(eng, [prompt[:10]], [25])[0]] * 3
         assert_idle_pool(eng)
     finally:
         eng.shutdown()
@@ -749,3 +751,29 @@ def test_real_model_knows_the_capital_of_france(real_engine: Engine) -> None:
     assert "Paris" in out["text"], out["text"]
     assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")
     assert_idle_pool(real_engine)
+
+
+def test_n_samples_per_prompt(engine: Engine) -> None:
+    outs = engine.generate(
+        input_ids=SHORT[1], sampling_params={"max_new_tokens": 6, "temperature": 1.0, "n": 3, "seed": 7,
+                                             "ignore_eos": True}
+    )
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o["meta_info"]["completion_tokens"] == 6 for o in outs)
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1, "seeded copies must not all be equal"
+    again = engine.generate(
+        input_ids=SHORT[1], sampling_params={"max_new_tokens": 6, "temperature": 1.0, "n": 3, "seed": 7,
+                                             "ignore_eos": True}
+    )
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in again]
+
+
+def test_stop_token_text_is_not_in_the_output(engine: Engine) -> None:
+    free = engine.generate(input_ids=SHORT[3], sampling_params=greedy(12))
+    ids = free["output_ids"]
+    stop = ids[4]
+    j = ids.index(stop)
+    out = engine.generate(input_ids=SHORT[3], sampling_params={**greedy(12), "stop_token_ids": [stop]})
+    assert out["output_ids"] == ids[: j + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == engine.tokenizer.decode(ids[:j])

@@ -157,7 +157,8 @@ class Engine:
         rid: str | list[str] | None = None,
         stream: bool = False,
     ) -> Any:
-        """One prompt -> one result dict; a list -> a list. `stream=True` -> an iterator of dicts."""
+        """One prompt -> one result dict; a list (or `n` > 1) -> a flat list, prompt-major.
+        `stream=True` -> an iterator of cumulative result dicts."""
         reqs = self.make_requests(
             prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, client_id, rid
         )
@@ -167,8 +168,8 @@ class Engine:
             return self._stream(reqs[0])
         queues = [self._submit(r) for r in reqs]
         results = [self._wait(q) for q in queues]
-        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
-        return results[0] if single else results
+        single = isinstance(prompt, str) or (input_ids is not None and isinstance(input_ids[0], int))
+        return results[0] if single and len(results) == 1 else results
 
     def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
         return self.generate(prompt, stream=True, **kwargs)
@@ -225,22 +226,30 @@ class Engine:
             raise ValueError(f"top_logprobs_num must be in [0, 20], got {top_logprobs_num}")
         reqs = []
         for i, ids in enumerate(token_lists):
-            sp = sps[i]
-            req = Req(
-                origin_input_ids=ids,
-                sampling_params=sp,
-                rid=rids[i] if rids else uuid.uuid4().hex,
-                client_id=client_id,
-                eos_token_ids=self.eos_token_ids,
-                return_logprob=return_logprob,
-                logprob_start_len=logprob_start_len,
-                top_logprobs_num=top_logprobs_num,
-                detokenizer=self.tokenizer.incremental_detokenizer(
-                    ids, skip_special_tokens=sp.skip_special_tokens
-                ),
-            )
-            self.scheduler.validate(req)
-            reqs.append(req)
+            base = sps[i]
+            base_rid = rids[i] if rids else uuid.uuid4().hex
+            # n > 1: n independent samples of the prompt, each its own request (the prompt's KV is
+            # shared through the radix cache); seeded copies get seed + k so they differ
+            for k in range(base.n):
+                sp = base if base.n == 1 else replace(
+                    base, n=1, seed=None if base.seed is None else base.seed + k,
+                    stop=list(base.stop), stop_token_ids=list(base.stop_token_ids),
+                )
+                req = Req(
+                    origin_input_ids=list(ids),
+                    sampling_params=sp,
+                    rid=base_rid if base.n == 1 else f"{base_rid}-{k}",
+                    client_id=client_id,
+                    eos_token_ids=self.eos_token_ids,
+                    return_logprob=return_logprob,
+                    logprob_start_len=logprob_start_len,
+                    top_logprobs_num=top_logprobs_num,
+                    detokenizer=self.tokenizer.incremental_detokenizer(
+                        ids, skip_special_tokens=sp.skip_special_tokens
+                    ),
+                )
+                self.scheduler.validate(req)
+                reqs.append(req)
         return reqs
 
     def _params(self, p: Any) -> SamplingParams:

@@ -148,28 +148,30 @@ class Req:
             self.first_token_time = time.monotonic()
         self.output_ids.append(token_id)
         sp = self.sampling_params
+        n = len(self.output_ids)
+        if n >= sp.min_new_tokens and (
+            token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids)
+        ):
+            # like SGLang, the matched stop token stays in output_ids but not in the text
+            self.finish(FinishReason("stop", matched=token_id))
+            return
         prev_len = 0
         if self.detokenizer is not None:
             prev_len = len(self.detokenizer.text)
             self.detokenizer.add([token_id])
-        n = len(self.output_ids)
-        if n >= sp.min_new_tokens:
-            if token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids):
-                self.finish(FinishReason("stop", matched=token_id))
+        if n >= sp.min_new_tokens and sp.stop and self.detokenizer is not None:
+            text = self.detokenizer.text
+            # a match must end in the new text; it may start up to max_stop_len - 1 chars before it
+            window_start = max(0, prev_len - self._max_stop_len + 1)
+            best: tuple[int, str] | None = None
+            for s in sp.stop:
+                pos = text.find(s, window_start)
+                if pos != -1 and (best is None or pos < best[0]):
+                    best = (pos, s)
+            if best is not None:
+                self._stop_text_end = best[0]
+                self.finish(FinishReason("stop", matched=best[1]))
                 return
-            if sp.stop and self.detokenizer is not None:
-                text = self.detokenizer.text
-                # a match must end in the new text; it may start up to max_stop_len - 1 chars before it
-                window_start = max(0, prev_len - self._max_stop_len + 1)
-                best: tuple[int, str] | None = None
-                for s in sp.stop:
-                    pos = text.find(s, window_start)
-                    if pos != -1 and (best is None or pos < best[0]):
-                        best = (pos, s)
-                if best is not None:
-                    self._stop_text_end = best[0]
-                    self.finish(FinishReason("stop", matched=best[1]))
-                    return
         if n >= sp.max_new_tokens:
             self.finish(FinishReason("length", length=n))
 

@@ -425,7 +425,7 @@ class Scheduler:
                 self._cache_unfinished(req)
                 continue
             token = out.next_token_ids[i]
-            if req.return_logprob:
+            if req.return_logprob and req.sampling_params.max_new_tokens > 0:
                 top = out.next_top_logprobs[i] if out.next_top_logprobs is not None else None
                 lp = out.next_token_logprobs[i] if out.next_token_logprobs is not None else None
                 req.output_token_logprobs.append(TokenLogprob(lp, token, top))
