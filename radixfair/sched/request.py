@@ -91,6 +91,7 @@ class Req:
     last_node: TreeNode | None = None
     row: int = -1  # req_to_token row while it holds KV
     cached_tokens: int = 0  # prompt tokens served from the cache on first admission
+    charged_upto: int = 0  # KV positions already charged to the client (computed once, or cached)
     admitted_once: bool = False
     num_retractions: int = 0
 

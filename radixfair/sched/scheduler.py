@@ -22,6 +22,9 @@ from radixfair.sched.request import FinishReason, Req, ReqStatus, TokenLogprob
 logger = logging.getLogger(__name__)
 
 
+MAX_POLICY_ROUNDS = 64  # bound on policy refills (new deficit rounds) within one batch formation
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_total_tokens: int  # KV pool slots
@@ -59,6 +62,7 @@ class Scheduler:
         self.policy = policy
         self.allocator = SlotAllocator(config.max_total_tokens)
         self.tree = RadixCache(self.allocator)
+        policy.bind(self.tree)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
@@ -195,9 +199,38 @@ class Scheduler:
             if batch_index is not None:
                 batch_index.insert(req.fill_ids, np.zeros(len(req.fill_ids), dtype=np.int64))
 
+        # A policy may hold back every waiting request (DLPM: all their clients spent their quantum
+        # this round); it then gets the chance to start a new round and the pass runs again.
+        for _ in range(MAX_POLICY_ROUNDS):
+            before = len(admitted)
+            token_budget = self._admission_pass(admitted, token_budget, reserve, chunk, batch_index)
+            if len(admitted) > before:
+                break
+            if not self.waiting or not self.policy.refill(self.waiting):
+                break
+        if not admitted:
+            return None
+        for req, _ in admitted:
+            if req in self.waiting:
+                self.waiting.remove(req)
+        return self._build_prefill(admitted)
+
+    def _admission_pass(
+        self,
+        admitted: list[tuple[Req, int]],
+        token_budget: int,
+        reserve: int,
+        chunk: int | None,
+        batch_index: RadixCache | None,
+    ) -> int:
+        """Admit waiting requests in policy order while the budgets allow; returns the budget left."""
+        cfg = self.config
+        taken = {id(r) for r, _ in admitted}
         for req in self.policy.order(self.waiting):
             if token_budget <= 0:
                 break
+            if id(req) in taken:
+                continue
             if len(self.running) + len(admitted) >= cfg.max_running_requests:
                 break
             if not self.policy.may_admit(req):
@@ -230,12 +263,7 @@ class Scheduler:
             if take < extend:
                 self.chunked_req = req
                 break
-        if not admitted:
-            return None
-        for req, _ in admitted:
-            if req in self.waiting:
-                self.waiting.remove(req)
-        return self._build_prefill(admitted)
+        return token_budget
 
     def _match(self, req: Req) -> None:
         if self.config.disable_radix_cache:
@@ -269,21 +297,31 @@ class Scheduler:
             return False
         req.row = self._free_rows.pop()
         req.slots = Req.concat_slots(req.slots, new)
-        if not req.admitted_once:
+        first = not req.admitted_once
+        if first:
             req.admitted_once = True
             req.cached_tokens = req.prefix_len
+            req.charged_upto = req.prefix_len
             self.stats.input_tokens += len(req.origin_input_ids)
             self.stats.cached_tokens += req.prefix_len
-        self.policy.on_admit(req, take, req.prefix_len)
+        self._charge(req, req.prefix_len if first else 0, first)
         req.status = ReqStatus.RUNNING
         return True
+
+    def _charge(self, req: Req, cached_len: int, first: bool) -> None:
+        """Tell the policy about prompt tokens computed for the first time. Recomputing what a
+        retraction threw away is the server's doing, not the client's, so it is never charged."""
+        new = max(0, req.kv_len - req.charged_upto)
+        req.charged_upto = max(req.charged_upto, req.kv_len)
+        if new or first:
+            self.policy.on_admit(req, new, cached_len)
 
     def _grow(self, req: Req, take: int) -> bool:
         new = self._alloc(take)
         if new is None:
             return False
         req.slots = Req.concat_slots(req.slots, new)
-        self.policy.on_admit(req, take, 0)
+        self._charge(req, 0, False)
         return True
 
     def _build_prefill(self, admitted: list[tuple[Req, int]]) -> ScheduledBatch:
@@ -348,6 +386,7 @@ class Scheduler:
             positions[i] = req.kv_len
             ids[i] = req.output_ids[-1]
             req.slots = Req.concat_slots(req.slots, new[i : i + 1])
+            req.charged_upto = req.kv_len  # decode tokens are charged through on_decode
         self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
         return ScheduledBatch(
             row_updates=self._take_row_updates(),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from radixfair.cache.radix_cache import RadixCache
     from radixfair.sched.request import Req
 
 
@@ -27,11 +28,21 @@ class SchedulePolicy(ABC):
     def order(self, waiting: Sequence[Req]) -> list[Req]:
         """The waiting queue in the order the batch builder should try to admit it."""
 
+    def bind(self, tree: RadixCache) -> None:  # noqa: B027
+        """Called once by the scheduler: the radix tree that prefix-aware policies match against."""
+
     def may_admit(self, req: Req) -> bool:
         return True
 
+    def refill(self, waiting: Sequence[Req]) -> bool:
+        """Nothing could be admitted although requests wait. Return True after changing state so
+        that another pass may admit something (DLPM: start a new deficit round)."""
+        return False
+
     def on_admit(self, req: Req, extend_len: int, cached_len: int) -> None:  # noqa: B027
-        """`req` was admitted to a prefill batch; `extend_len` tokens will be computed."""
+        """Prompt tokens of `req` entered a prefill batch: `extend_len` computed for the first time
+        (retraction re-computation is never reported), `cached_len` served from the cache (non-zero
+        only on the request's first admission). Called once per chunk of a chunked prompt."""
 
     def on_decode(self, req: Req, n_tokens: int) -> None:  # noqa: B027
         """`req` produced `n_tokens` output tokens."""
