@@ -24,12 +24,28 @@ class PrefillSeq:
 
 
 @dataclass
+class PrefillCascade:
+    """Prefill sequences whose whole cached prefix is the same (questions on one document): their
+    queries meet that prefix in one matmul, and only their own new tokens in a padded block."""
+
+    seq_ids: list[int]  # indices into ForwardBatch.seqs
+    shared_index: torch.Tensor  # [P] slots of the shared prefix
+    token_index: torch.Tensor  # [n, Qmax] flat token positions of each sequence, padded by repetition
+    own_mask: torch.Tensor  # [1, n, 1, Qmax, Qmax] additive: causal within a sequence, padding masked
+    valid: torch.Tensor  # [n * Qmax] bool, which padded rows are real tokens
+
+
+@dataclass
 class DecodeGroup:
     """Requests of a decode batch whose sequences are padded to a common length together."""
 
     index: torch.Tensor | None  # rows of the batch in this group; None: the whole batch, in order
     kv_index: torch.Tensor  # [b, Lmax] slots of each sequence (padding points at a valid slot)
     kv_mask: torch.Tensor  # [1, b, 1, Lmax] additive float mask (0 or -inf)
+    # Cascade attention: slots of a prefix every sequence of the group shares (a document, a
+    # few-shot preamble). It is gathered and multiplied once for the group; kv_index/kv_mask
+    # then cover only each sequence's own tokens after it.
+    shared_index: torch.Tensor | None = None  # [Lp]
 
 
 @dataclass
@@ -43,3 +59,4 @@ class ForwardBatch:
     decode_groups: list[DecodeGroup] | None = None
     # prefill only
     seqs: list[PrefillSeq] | None = None
+    prefill_cascades: list[PrefillCascade] | None = None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillCascade, PrefillSeq
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
@@ -18,6 +18,9 @@ from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 128  # tokens; below this a shared prefix is not worth its own matmuls
+MAX_CASCADE_QUERY = 512  # longer new parts are cheaper through per-sequence flash attention
+CASCADE_SCORE_BYTES = 256 << 20
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 4  # requests
 GROUP_OVERHEAD_TOKENS = 2048
@@ -163,16 +166,120 @@ class ModelRunner:
             out_slots=out_slots,
             logits_index=self._tensor(index),
             seqs=seqs,
+            prefill_cascades=self._prefill_cascades(batch, seqs),
+        )
+
+    def _prefill_cascades(self, batch: ScheduledBatch, seqs: list[PrefillSeq]) -> list[PrefillCascade]:
+        """Group prefill sequences whose entire cached prefix is the same radix-tree path.
+
+        Otherwise each of them gathers that prefix and runs its own masked attention over it,
+        which for many short questions on one long document costs more than everything else.
+        """
+        by_anchor: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.prefix_len >= MIN_SHARED_PREFIX and s.q_len <= MAX_CASCADE_QUERY:
+                # same slot at the same position = same tree path up to there (see _cascade_groups)
+                anchor = int(batch.row_slots[i][s.prefix_len - 1])
+                by_anchor.setdefault((s.prefix_len, anchor), []).append(i)
+        cfg = self.config
+        group_heads = cfg.num_attention_heads // cfg.num_key_value_heads
+        cascades = []
+        for (prefix, _), members in by_anchor.items():
+            if len(members) < 2:
+                continue
+            qmax = max(seqs[i].q_len for i in members)
+            # bound the float32 score block [KVH, n * G * Qmax, P] of one cascade
+            per_seq = cfg.num_key_value_heads * group_heads * qmax * (prefix + qmax) * 4
+            n_max = max(2, CASCADE_SCORE_BYTES // per_seq)
+            for start in range(0, len(members), n_max):
+                part = members[start : start + n_max]
+                if len(part) >= 2:
+                    cascades.append(self._cascade(batch, seqs, part, prefix))
+        return cascades
+
+    def _cascade(self, batch: ScheduledBatch, seqs: list[PrefillSeq], part: list[int], prefix: int) -> PrefillCascade:
+        q_lens = np.asarray([seqs[i].q_len for i in part], dtype=np.int64)
+        q_starts = np.asarray([seqs[i].q_start for i in part], dtype=np.int64)
+        qmax = int(q_lens.max())
+        cols = np.arange(qmax, dtype=np.int64)
+        # padding rows repeat each sequence's last token, so every row has a finite softmax
+        token_index = q_starts[:, None] + np.minimum(cols[None, :], q_lens[:, None] - 1)
+        key_ok = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < q_lens[:, None, None])
+        own_mask = np.where(key_ok, 0.0, -np.inf).astype(np.float32)[None, :, None, :, :]
+        valid = (cols[None, :] < q_lens[:, None]).reshape(-1)
+        shared = np.ascontiguousarray(batch.row_slots[part[0]][:prefix])
+        return PrefillCascade(
+            seq_ids=part,
+            shared_index=self._tensor(shared),
+            token_index=self._tensor(token_index),
+            own_mask=self._tensor(own_mask),
+            valid=self._tensor(valid),
         )
 
     def _decode_groups(self, batch: ScheduledBatch, rows: torch.Tensor) -> list[DecodeGroup]:
-        """Split the batch by sequence length so that short sequences are not padded to the longest.
+        """Requests sharing a long prefix form cascade groups; the rest are split by length."""
+        groups, rest = self._cascade_groups(batch, rows)
+        if not groups:
+            return self._length_groups(batch, rows, None)
+        return groups + self._length_groups(batch, rows, rest)
+
+    def _cascade_groups(
+        self, batch: ScheduledBatch, rows: torch.Tensor
+    ) -> tuple[list[DecodeGroup], np.ndarray]:
+        """Requests whose first `MIN_SHARED_PREFIX`+ slots are the same (they matched the same radix
+        tree path: one document, many questions) attend to that prefix as one operand.
+        Returns the groups and the batch indices left for plain groups."""
+        everyone = np.arange(len(batch.reqs))
+        if not batch.row_slots or len(batch.reqs) < 2:
+            return [], everyone
+        # A slot holds one position of one tree path, so two sequences with the same slot at
+        # position MIN_SHARED_PREFIX - 1 share at least their first MIN_SHARED_PREFIX tokens.
+        by_anchor: dict[int, list[int]] = {}
+        for i, slots in enumerate(batch.row_slots):
+            if len(slots) > MIN_SHARED_PREFIX:
+                by_anchor.setdefault(int(slots[MIN_SHARED_PREFIX - 1]), []).append(i)
+        groups: list[DecodeGroup] = []
+        used = np.zeros(len(batch.reqs), dtype=bool)
+        seq_lens = batch.positions + 1
+        for members in by_anchor.values():
+            if len(members) < 2:
+                continue
+            ref = batch.row_slots[members[0]]
+            shared = min(len(batch.row_slots[i]) for i in members) - 1  # each keeps >= 1 own token
+            for i in members[1:]:
+                other = batch.row_slots[i][:shared]
+                diff = np.flatnonzero(other != ref[: len(other)])
+                if len(diff):
+                    shared = int(diff[0])
+            if shared < MIN_SHARED_PREFIX:
+                continue
+            idx_np = np.asarray(members, dtype=np.int64)
+            own = seq_lens[idx_np] - shared
+            idx = self._tensor(idx_np)
+            g_rows = rows.index_select(0, idx)
+            lmax = int(own.max())
+            kv_index = self.req_to_token.table[g_rows, shared : shared + lmax]
+            cols = torch.arange(lmax, device=self.device)
+            valid = cols.unsqueeze(0) < self._tensor(own).unsqueeze(1)
+            kv_mask = torch.where(valid, 0.0, float("-inf")).view(1, len(members), 1, lmax)
+            shared_index = self._tensor(np.ascontiguousarray(ref[:shared]))
+            groups.append(DecodeGroup(idx, kv_index, kv_mask, shared_index))
+            used[idx_np] = True
+        return groups, np.flatnonzero(~used)
+
+    def _length_groups(self, batch: ScheduledBatch, rows: torch.Tensor, subset: np.ndarray | None) -> list[DecodeGroup]:
+        """Plain padded groups for the batch (or `subset` of its indices), split by length so that
+        short sequences are not padded to the longest.
 
         Decode attention gathers and multiplies `B x Lmax` K/V entries; with lengths spread over
         a wide range most of that is padding. Each extra group costs a few small kernels per
         layer, worth about `GROUP_OVERHEAD_TOKENS` padded entries.
         """
-        seq_lens = batch.positions + 1
+        all_lens = batch.positions + 1
+        if subset is not None and len(subset) == 0:
+            return []
+        members = np.arange(len(all_lens)) if subset is None else subset
+        seq_lens = all_lens[members]
         order = np.argsort(seq_lens, kind="stable")
         lens_sorted = seq_lens[order]
         b = len(order)
@@ -183,15 +290,15 @@ class ModelRunner:
             cost += (k - 1) * GROUP_OVERHEAD_TOKENS
             if cost < best_cost:
                 best_k, best_cost = k, cost
-        if best_k == 1:
+        if best_k == 1 and subset is None:
             return [self._group(None, rows, int(lens_sorted[-1]), self._tensor(seq_lens))]
         groups = []
         bounds = np.linspace(0, b, best_k + 1).astype(int)
         for i in range(best_k):
-            idx_np = order[bounds[i] : bounds[i + 1]]
+            idx_np = members[order[bounds[i] : bounds[i + 1]]]
             idx = self._tensor(idx_np)
-            groups.append(self._group(idx, rows.index_select(0, idx), int(seq_lens[idx_np].max()),
-                                      self._tensor(seq_lens[idx_np])))
+            groups.append(self._group(idx, rows.index_select(0, idx), int(all_lens[idx_np].max()),
+                                      self._tensor(all_lens[idx_np])))
         return groups
 
     def _group(self, idx: torch.Tensor | None, rows: torch.Tensor, lmax: int, seq_lens: torch.Tensor) -> DecodeGroup:
