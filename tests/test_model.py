@@ -204,34 +204,8 @@ def test_cascade_decode_over_a_shared_prefix_matches_transformers(tiny_llama: Pa
     batch.row_slots = [st.slots.copy() for st in states]
     groups = runner._prepare(batch).decode_groups
     assert groups is not None and any(g.shared_index is not None for g in groups)
-    assert model_runner.MIN_SHARED_PREFIX <= len(doc)
+    assert len(doc) >= model_runner.MIN_SHARED_PREFIX
     got = run_logits(runner, batch)
     for row, (s, n) in enumerate(zip(seqs, own, strict=True)):
         torch.testing.assert_close(got[row], hf_logits(hf, s)[len(doc) + n], atol=TOL, rtol=0)
 
-
-def test_cascade_prefill_over_a_shared_prefix_matches_transformers(tiny_llama: Path) -> None:
-    """Several questions on one cached document, prefilled in one batch: their queries meet the
-    document in one matmul (PrefillCascade); every position's logits must match."""
-    runner, hf = make_runner(tiny_llama, pool=4096), load_hf(tiny_llama)
-    rng = np.random.default_rng(5)
-    doc = rng.integers(3, 300, 260).tolist()
-    tails = [rng.integers(3, 300, n).tolist() for n in (5, 19, 1, 33)]
-    doc_state = SeqState(doc, 0, 0)
-    run_logits(runner, prefill_batch([(doc_state, 0, len(doc))]))
-    states = []
-    for i, t in enumerate(tails):
-        st = SeqState(doc + t, i + 1, 1000 + 200 * i)
-        st.slots = doc_state.slots.copy()
-        states.append(st)
-    batch = prefill_batch([(st, len(doc), len(t)) for st, t in zip(states, tails, strict=True)])
-    fb = runner._prepare(batch)
-    assert fb.prefill_cascades and len(fb.prefill_cascades[0].seq_ids) == 4
-    got = run_logits(runner, batch)
-    row = 0
-    for t in tails:
-        want = hf_logits(hf, doc + t)
-        n = len(t)
-        # rows: positions len(doc)..len(doc)+n-2 (prompt logprobs), then the last position
-        torch.testing.assert_close(got[row : row + n], want[len(doc) : len(doc) + n], atol=TOL, rtol=0)
-        row += n

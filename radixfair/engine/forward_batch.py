@@ -21,18 +21,9 @@ class PrefillSeq:
     q_len: int  # extend tokens
     prefix_len: int  # tokens already in the KV pool before this pass
     kv_index: torch.Tensor | None  # slots of all prefix_len + q_len tokens; None when prefix_len == 0
-
-
-@dataclass
-class PrefillCascade:
-    """Prefill sequences whose whole cached prefix is the same (questions on one document): their
-    queries meet that prefix in one matmul, and only their own new tokens in a padded block."""
-
-    seq_ids: list[int]  # indices into ForwardBatch.seqs
-    shared_index: torch.Tensor  # [P] slots of the shared prefix
-    token_index: torch.Tensor  # [n, Qmax] flat token positions of each sequence, padded by repetition
-    own_mask: torch.Tensor  # [1, n, 1, Qmax, Qmax] additive: causal within a sequence, padding masked
-    valid: torch.Tensor  # [n * Qmax] bool, which padded rows are real tokens
+    # [q_len, prefix_len + q_len] additive mask (query i sees keys 0 .. prefix_len + i), built once
+    # per batch rather than in every layer; None when prefix_len == 0 (plain causal)
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,4 +50,3 @@ class ForwardBatch:
     decode_groups: list[DecodeGroup] | None = None
     # prefill only
     seqs: list[PrefillSeq] | None = None
-    prefill_cascades: list[PrefillCascade] | None = None

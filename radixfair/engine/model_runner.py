@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillCascade, PrefillSeq
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
@@ -19,8 +19,6 @@ from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 128  # tokens; below this a shared prefix is not worth its own matmuls
-MAX_CASCADE_QUERY = 512  # longer new parts are cheaper through per-sequence flash attention
-CASCADE_SCORE_BYTES = 256 << 20
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 4  # requests
 GROUP_OVERHEAD_TOKENS = 2048
@@ -151,7 +149,8 @@ class ModelRunner:
             total = prefix + ext
             slots_t = self._tensor(req_slots[:total])
             table[row, :total] = slots_t
-            seqs.append(PrefillSeq(q_start, ext, prefix, slots_t if prefix > 0 else None))
+            seqs.append(PrefillSeq(q_start, ext, prefix, slots_t if prefix > 0 else None,
+                                   self._offset_causal_mask(prefix, ext) if prefix > 0 else None))
             lp = batch.logprob_positions[i] if batch.logprob_positions else None
             if lp is not None:
                 logits_pos.append(lp[0] + q_start)
@@ -166,55 +165,12 @@ class ModelRunner:
             out_slots=out_slots,
             logits_index=self._tensor(index),
             seqs=seqs,
-            prefill_cascades=self._prefill_cascades(batch, seqs),
         )
 
-    def _prefill_cascades(self, batch: ScheduledBatch, seqs: list[PrefillSeq]) -> list[PrefillCascade]:
-        """Group prefill sequences whose entire cached prefix is the same radix-tree path.
-
-        Otherwise each of them gathers that prefix and runs its own masked attention over it,
-        which for many short questions on one long document costs more than everything else.
-        """
-        by_anchor: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(seqs):
-            if s.prefix_len >= MIN_SHARED_PREFIX and s.q_len <= MAX_CASCADE_QUERY:
-                # same slot at the same position = same tree path up to there (see _cascade_groups)
-                anchor = int(batch.row_slots[i][s.prefix_len - 1])
-                by_anchor.setdefault((s.prefix_len, anchor), []).append(i)
-        cfg = self.config
-        group_heads = cfg.num_attention_heads // cfg.num_key_value_heads
-        cascades = []
-        for (prefix, _), members in by_anchor.items():
-            if len(members) < 2:
-                continue
-            qmax = max(seqs[i].q_len for i in members)
-            # bound the float32 score block [KVH, n * G * Qmax, P] of one cascade
-            per_seq = cfg.num_key_value_heads * group_heads * qmax * (prefix + qmax) * 4
-            n_max = max(2, CASCADE_SCORE_BYTES // per_seq)
-            for start in range(0, len(members), n_max):
-                part = members[start : start + n_max]
-                if len(part) >= 2:
-                    cascades.append(self._cascade(batch, seqs, part, prefix))
-        return cascades
-
-    def _cascade(self, batch: ScheduledBatch, seqs: list[PrefillSeq], part: list[int], prefix: int) -> PrefillCascade:
-        q_lens = np.asarray([seqs[i].q_len for i in part], dtype=np.int64)
-        q_starts = np.asarray([seqs[i].q_start for i in part], dtype=np.int64)
-        qmax = int(q_lens.max())
-        cols = np.arange(qmax, dtype=np.int64)
-        # padding rows repeat each sequence's last token, so every row has a finite softmax
-        token_index = q_starts[:, None] + np.minimum(cols[None, :], q_lens[:, None] - 1)
-        key_ok = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] < q_lens[:, None, None])
-        own_mask = np.where(key_ok, 0.0, -np.inf).astype(np.float32)[None, :, None, :, :]
-        valid = (cols[None, :] < q_lens[:, None]).reshape(-1)
-        shared = np.ascontiguousarray(batch.row_slots[part[0]][:prefix])
-        return PrefillCascade(
-            seq_ids=part,
-            shared_index=self._tensor(shared),
-            token_index=self._tensor(token_index),
-            own_mask=self._tensor(own_mask),
-            valid=self._tensor(valid),
-        )
+    def _offset_causal_mask(self, prefix: int, q_len: int) -> torch.Tensor:
+        qpos = torch.arange(q_len, device=self.device).unsqueeze(1) + prefix
+        allowed = torch.arange(prefix + q_len, device=self.device).unsqueeze(0) <= qpos
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
 
     def _decode_groups(self, batch: ScheduledBatch, rows: torch.Tensor) -> list[DecodeGroup]:
         """Requests sharing a long prefix form cascade groups; the rest are split by length."""

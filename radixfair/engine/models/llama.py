@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillCascade, PrefillSeq
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.kv_pool import KVPool
 from radixfair.engine.model_config import ModelConfig, RopeScaling
 
@@ -144,46 +144,8 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVPool
     ) -> torch.Tensor:
         assert batch.seqs is not None
-        cascades = batch.prefill_cascades or []
-        if cascades:
-            out = torch.empty(q.shape[0], self.q_size, dtype=q.dtype, device=q.device)
-            done: set[int] = set()
-            for c in cascades:
-                rows = c.token_index.view(-1)[c.valid]
-                out.index_copy_(0, rows, self._prefill_cascade(q, k, v, c, kv))
-                done.update(c.seq_ids)
-            for i, s in enumerate(batch.seqs):
-                if i not in done:
-                    out[s.q_start : s.q_start + s.q_len] = self._prefill_seq(q, k, v, s, kv)
-            return out
         outs = [self._prefill_seq(q, k, v, s, kv) for s in batch.seqs]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-
-    def _prefill_cascade(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: PrefillCascade, kv: KVPool
-    ) -> torch.Tensor:
-        """Attention for a cascade group; rows in the order of `c.token_index[c.valid]`."""
-        n, qmax = c.token_index.shape
-        kvh, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        flat = c.token_index.view(-1)
-        # queries as [KVH, n, G*Qmax, D]; own keys/values as [KVH, n, Qmax, D]
-        qg = q.index_select(0, flat).view(n, qmax, kvh, g, d).permute(2, 0, 3, 1, 4).reshape(kvh, n, g * qmax, d)
-        ko = k.index_select(0, flat).view(n, qmax, kvh, d).permute(2, 0, 1, 3)
-        vo = v.index_select(0, flat).view(n, qmax, kvh, d).permute(2, 0, 1, 3)
-        s_own = torch.matmul(qg, ko.transpose(-1, -2)).float() * self.scale  # [KVH, n, G*Qmax, Qmax]
-        s_own = (s_own.view(kvh, n, g, qmax, qmax) + c.own_mask).view(kvh, n, g * qmax, qmax)
-        ks = kv.k[self.layer_id].index_select(1, c.shared_index)  # [KVH, P, D]
-        vs = kv.v[self.layer_id].index_select(1, c.shared_index)
-        s_sh = torch.matmul(qg.reshape(kvh, n * g * qmax, d), ks.transpose(-1, -2)).float() * self.scale
-        s_sh = s_sh.view(kvh, n, g * qmax, -1)
-        m = torch.maximum(s_sh.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
-        p_sh, p_own = torch.exp(s_sh - m), torch.exp(s_own - m)
-        denom = p_sh.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
-        o = torch.matmul(p_sh.to(vs.dtype).view(kvh, n * g * qmax, -1), vs).view(kvh, n, g * qmax, d).float()
-        o = (o + torch.matmul(p_own.to(vo.dtype), vo).float()) / denom
-        # back to [n * Qmax, H * D] token rows
-        o = o.to(q.dtype).view(kvh, n, g, qmax, d).permute(1, 3, 0, 2, 4).reshape(n * qmax, self.q_size)
-        return o[c.valid]
 
     def _prefill_seq(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: PrefillSeq, kv: KVPool
@@ -194,13 +156,10 @@ class Attention(nn.Module):
             vs = v[s.q_start : s.q_start + s.q_len].transpose(0, 1)
             mask = None
         else:
-            assert s.kv_index is not None
+            assert s.kv_index is not None and s.mask is not None
             ks = kv.k[self.layer_id].index_select(1, s.kv_index)  # [KVH, L, D]
             vs = kv.v[self.layer_id].index_select(1, s.kv_index)
-            # query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i
-            total = s.prefix_len + s.q_len
-            qpos = torch.arange(s.q_len, device=q.device).unsqueeze(1) + s.prefix_len
-            mask = torch.arange(total, device=q.device).unsqueeze(0) <= qpos
+            mask = s.mask
         ks = ks.unsqueeze(0)
         vs = vs.unsqueeze(0)
         o = F.scaled_dot_product_attention(
