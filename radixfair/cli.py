@@ -21,7 +21,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=8192)
     g.add_argument("--chunked-prefill-size", type=int, default=2048, help="-1 disables chunked prefill")
     g.add_argument("--context-length", type=int, default=None)
-    g.add_argument("--schedule-policy", default="fcfs")
+    from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, POLICIES
+
+    def client_weights(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            name, eq, value = item.partition("=")
+            try:
+                w = float(value)
+            except ValueError:
+                w = float("nan")
+            if not eq or not name.strip() or not w > 0 or w == float("inf"):
+                raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT with a weight > 0, got {item!r}")
+            out[name.strip()] = w
+        return out
+
+    g.add_argument("--schedule-policy", default=DEFAULT_POLICY, choices=list(POLICIES),
+                   help="waiting-queue policy (default: %(default)s)")
+    g.add_argument("--w-in", type=float, default=1.0, help="cost of an uncached prompt token")
+    g.add_argument("--w-out", type=float, default=2.0, help="cost of an output token")
+    g.add_argument("--dlpm-quantum", type=float, default=DEFAULT_DLPM_QUANTUM,
+                   help="service (in cost units) each client gets per DLPM round")
+    g.add_argument("--client-weights", type=client_weights, default={}, metavar="ALICE=2,BOB=1",
+                   help="per-client shares for vtc and dlpm; unnamed clients weigh 1")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--random-seed", type=int, default=0)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -31,6 +53,7 @@ def engine_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "model", "dtype", "device", "max_total_tokens", "mem_fraction_static", "max_running_requests",
         "max_prefill_tokens", "chunked_prefill_size", "context_length", "schedule_policy",
+        "w_in", "w_out", "dlpm_quantum", "client_weights",
         "disable_radix_cache", "random_seed", "num_threads",
     ]
     return {k: getattr(ns, k) for k in keys}
@@ -80,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from radixfair.bench import engine_bench, prefix_bench
+    from radixfair.bench import engine_bench, fairness_bench, prefix_bench
 
     engine_bench.add_parser(bsub)
     prefix_bench.add_parser(bsub)
+    fairness_bench.add_parser(bsub)
     return p
 
 

@@ -8,6 +8,7 @@ what makes radix-cache sharing, chunking and retraction correct, whatever the sc
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,8 +168,10 @@ def drive(
     aborts: dict[int, list[str]] | None = None,
     max_steps: int = 20_000,
     ex: FakeExecutor | None = None,
+    observe: Callable[[Scheduler, int], None] | None = None,
 ) -> Trace:
-    """Run the scheduler loop to completion, checking what can be checked at every step."""
+    """Run the scheduler loop to completion, checking what can be checked at every step.
+    `observe(s, step)` sees the state before each step's batch is formed, and once at the end."""
     ex = ex or FakeExecutor()
     trace = Trace()
     aborts = aborts or {}
@@ -181,6 +184,8 @@ def drive(
             s.add_request(r)
         for rid in aborts.get(step, []):
             s.abort(rid)
+        if observe is not None:
+            observe(s, step)
         waiting_before = {id(r) for r in s.waiting}
         running_before = {id(r) for r in s.running}
         batch = s.schedule()
@@ -215,6 +220,8 @@ def drive(
             trace.finished[r.rid] += 1
         trace.max_running = max(trace.max_running, len(s.running))
         conservation(s, [*s.running, *([s.chunked_req] if s.chunked_req else [])])
+    if observe is not None:
+        observe(s, step)
     idle_invariant(s)
     return trace
 

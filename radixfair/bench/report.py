@@ -8,10 +8,16 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> None:
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None,
+                width: int | None = None) -> None:
+    """`width`: columns to lay out for when the output is not a terminal (logs, pipes), where rich
+    would otherwise squeeze a wide table into 80 columns."""
     table = Table(title=title)
     for h in header:
         table.add_column(h)
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    console = Console()
+    if width is not None and not console.is_terminal:
+        console = Console(width=width)
+    console.print(table)

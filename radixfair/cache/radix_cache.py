@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +61,24 @@ class TreeNode:
         )
 
 
+class TreeListener(Protocol):
+    """Told about every change of the tree's shape, so an index over it (the waiting queue's
+    prefix matches, see sched/prefix_index.py) can stay exact without re-matching everything."""
+
+    def on_split(self, upper: TreeNode, lower: TreeNode) -> None:
+        """`lower` (the same object as before) lost its first len(upper.key) tokens to the new
+        node `upper`, which took its place under the parent."""
+
+    def on_add_leaf(self, parent: TreeNode, leaf: TreeNode) -> None:
+        """`leaf` was added as a new child of `parent`."""
+
+    def on_evict(self, node: TreeNode, parent: TreeNode) -> None:
+        """The childless `node` was removed from under `parent`."""
+
+    def on_reset(self) -> None:
+        """The whole tree was dropped; only a new, empty root remains."""
+
+
 class MatchResult(NamedTuple):
     slots: SlotArray
     last_node: TreeNode
@@ -97,12 +115,16 @@ def _common_prefix_len(edge: TokenKey, key: TokenKey, start: int) -> int:
     return lo
 
 
+common_prefix_len = _common_prefix_len  # for read-only walkers of the tree (sched/prefix_index.py)
+
+
 class RadixCache:
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator
         self.evicted_tokens = 0
         self._ids = itertools.count()
         self._tick = 0
+        self._listeners: list[TreeListener] = []
         self._new_root()
 
     def _new_root(self) -> None:
@@ -114,6 +136,17 @@ class RadixCache:
         # Unlocked childless non-root nodes: exactly evict()'s candidates, kept incrementally so
         # evict does not walk the whole tree.
         self._evictable_leaves: set[TreeNode] = set()
+        # Those candidates by (last_access_time, node_id), kept across evict() calls because a busy
+        # server evicts a little on nearly every admission and re-heapifying thousands of leaves
+        # each time dominated the scheduling decision. Entries go stale lazily: a node that stopped
+        # being a candidate is skipped, one whose access time moved on is re-filed when popped.
+        self._evict_heap: list[tuple[int, int, TreeNode]] = []
+
+    def add_listener(self, listener: TreeListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: TreeListener) -> None:
+        self._listeners.remove(listener)
 
     def _next_tick(self) -> int:
         self._tick += 1
@@ -148,6 +181,29 @@ class RadixCache:
             i += matched
             break
         # concatenate copies, so callers can never write into the tree's arrays.
+        slots = np.concatenate(values) if values else empty_slots()
+        return MatchResult(slots, node)
+
+    def match_at(self, node: TreeNode, offset: int) -> MatchResult:
+        """What `match_prefix` returns for a key whose longest cached prefix is already known to end
+        `offset` tokens into `node`'s edge (a listener that tracks matches knows it): the same split,
+        access-time refresh and slots, without comparing a single token."""
+        root = self.root_node
+        if node is not root and node.parent is None:
+            raise RuntimeError(f"match_at on a node detached from the tree: {node!r}")
+        tick = self._next_tick()
+        if node is not root and offset < len(node.key):
+            node.last_access_time = tick  # match_prefix touches the edge it stops inside, too
+            node = self._split(node, offset)
+        values: list[SlotArray] = []
+        walker = node
+        while walker is not root:
+            walker.last_access_time = tick
+            values.append(walker.value)
+            parent = walker.parent
+            assert parent is not None
+            walker = parent
+        values.reverse()
         slots = np.concatenate(values) if values else empty_slots()
         return MatchResult(slots, node)
 
@@ -189,7 +245,9 @@ class RadixCache:
             self._evictable_leaves.discard(parent)
         parent.children[key[0]] = leaf
         self._evictable_size += len(key)
-        self._evictable_leaves.add(leaf)
+        self._add_candidate(leaf)
+        for listener in self._listeners:
+            listener.on_add_leaf(parent, leaf)
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Cut `child`'s edge after `at` tokens; returns the new upper node.
@@ -213,6 +271,8 @@ class RadixCache:
         child.value = child.value[at:]
         child.parent = upper
         upper.children[child.key[0]] = child
+        for listener in self._listeners:
+            listener.on_split(upper, child)
         return upper
 
     # ------------------------------------------------------------------ locking
@@ -246,7 +306,7 @@ class RadixCache:
                 self._evictable_size += size
                 self._protected_size -= size
                 if not node.children:
-                    self._evictable_leaves.add(node)
+                    self._add_candidate(node)
             node.lock_ref -= 1
             parent = node.parent
             assert parent is not None, "a locked node is never detached"
@@ -254,17 +314,41 @@ class RadixCache:
 
     # ------------------------------------------------------------------ eviction
 
+    def _add_candidate(self, node: TreeNode) -> None:
+        self._evictable_leaves.add(node)
+        heap = self._evict_heap
+        heapq.heappush(heap, (node.last_access_time, node.node_id, node))
+        if len(heap) > 2 * len(self._evictable_leaves) + 64:
+            # mostly stale entries: rebuild so the heap stays proportional to the candidates
+            self._evict_heap = [(n.last_access_time, n.node_id, n) for n in self._evictable_leaves]
+            heapq.heapify(self._evict_heap)
+
+    def _pop_lru_leaf(self) -> TreeNode | None:
+        heap = self._evict_heap
+        leaves = self._evictable_leaves
+        while heap:
+            t, node_id, node = heap[0]
+            if node not in leaves:
+                heapq.heappop(heap)
+            elif t != node.last_access_time:
+                # access times only grow, so the entry was filed too early: re-file at its real time
+                heapq.heapreplace(heap, (node.last_access_time, node_id, node))
+            else:
+                heapq.heappop(heap)
+                return node
+        return None
+
     def evict(self, num_tokens: int) -> int:
         """Free least-recently-used unlocked leaves until `num_tokens` are freed or none is left."""
         if num_tokens <= 0 or not self._evictable_leaves:
             return 0
-        heap = [(n.last_access_time, n.node_id, n) for n in self._evictable_leaves]
-        heapq.heapify(heap)
         root = self.root_node
         freed = 0
         to_free: list[SlotArray] = []
-        while freed < num_tokens and heap:
-            _, _, node = heapq.heappop(heap)
+        while freed < num_tokens:
+            node = self._pop_lru_leaf()
+            if node is None:
+                break
             parent = node.parent
             assert parent is not None
             to_free.append(node.value)
@@ -275,9 +359,10 @@ class RadixCache:
             del parent.children[node.key[0]]
             # Detached nodes must not be mistaken for live ones by a stale holder.
             node.parent = None
+            for listener in self._listeners:
+                listener.on_evict(node, parent)
             if parent is not root and not parent.children and parent.lock_ref == 0:
-                self._evictable_leaves.add(parent)
-                heapq.heappush(heap, (parent.last_access_time, parent.node_id, parent))
+                self._add_candidate(parent)
         self.allocator.free(np.concatenate(to_free))
         self.evicted_tokens += freed
         return freed
@@ -314,6 +399,8 @@ class RadixCache:
         for node in self._iter_nodes():
             node.parent = None
         self._new_root()
+        for listener in self._listeners:
+            listener.on_reset()
 
     def check_invariant(self) -> None:
         """Recompute everything the tree keeps incrementally; AssertionError on any mismatch."""

@@ -30,7 +30,7 @@ from radixfair.engine.model_runner import (
 from radixfair.engine.tokenizer import Tokenizer
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
-from radixfair.sched.policies import make_policy
+from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
 from radixfair.sched.request import Req, TokenLogprob
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -48,7 +48,11 @@ class EngineArgs:
     max_prefill_tokens: int = 8192
     chunked_prefill_size: int = 2048
     context_length: int | None = None
-    schedule_policy: str = "fcfs"
+    schedule_policy: str = DEFAULT_POLICY  # fcfs | lpm | dfs-weight | vtc | dlpm
+    w_in: float = 1.0  # cost of an uncached prompt token (VTC: of any prompt token)
+    w_out: float = 2.0  # cost of an output token
+    dlpm_quantum: float = DEFAULT_DLPM_QUANTUM  # tokens of service per client per DLPM round
+    client_weights: dict[str, float] = field(default_factory=dict)  # client id -> share; others 1
     disable_radix_cache: bool = False
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads on CPU
@@ -95,6 +99,11 @@ class Engine:
                 overrides["model"] = model
             args = replace(args, **overrides)
         self.args = args
+        # before the model loads: a bad policy name or weight should fail fast
+        policy = make_policy(
+            args.schedule_policy,
+            PolicyConfig(args.w_in, args.w_out, args.dlpm_quantum, dict(args.client_weights)),
+        )
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.random_seed)
@@ -134,7 +143,7 @@ class Engine:
                 max_context_len=self.context_len,
                 disable_radix_cache=args.disable_radix_cache,
             ),
-            make_policy(args.schedule_policy),
+            policy,
         )
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._outputs: dict[str, Callable[[dict[str, Any]], object]] = {}
@@ -240,6 +249,7 @@ class Engine:
                     sampling_params=sp,
                     rid=base_rid if base.n == 1 else f"{base_rid}-{k}",
                     client_id=client_id,
+                    weight=self.scheduler.policy.config.weight_of(client_id),
                     eos_token_ids=self.eos_token_ids,
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len,

@@ -125,7 +125,7 @@ class Req:
     def max_prefix_len(self) -> int:
         """Longest cached prefix the request may reuse: it must compute at least its last token
         (to get logits), and every prompt position whose logprob it asked for."""
-        limit = len(self.fill_ids) - 1
+        limit = len(self.origin_input_ids) + len(self.output_ids) - 1  # no fill_ids copy: called per decision
         if self.prompt_logprobs_wanted and not self.admitted_once:
             limit = min(limit, max(self.logprob_start_len - 1, 0))
         return max(limit, 0)

@@ -72,6 +72,9 @@ class Scheduler:
         self._by_rid: dict[str, Req] = {}
         self._dropped: list[Req] = []  # left without a batch (aborted while waiting, pool too small)
         self._dirty_rows: list[Req] = []  # slots changed since the executor last wrote their rows
+        # Set when a waiting request may have been aborted: the queue can hold thousands, so it is
+        # scanned for them only then.
+        self._abort_pending = False
 
     @property
     def num_rows(self) -> int:
@@ -114,6 +117,7 @@ class Scheduler:
         if req is None or req.finished:
             return False
         req.abort("aborted by client")
+        self._abort_pending = True
         return True
 
     def is_idle(self) -> bool:
@@ -138,10 +142,14 @@ class Scheduler:
         return out
 
     def _drop_aborted(self) -> None:
-        for req in [r for r in self.waiting if r.finished]:
-            self.waiting.remove(req)
-            self._release(req)
-            self._dropped.append(req)
+        if self._abort_pending:
+            self._abort_pending = False
+            gone = [r for r in self.waiting if r.finished]
+            if gone:
+                self.waiting[:] = [r for r in self.waiting if not r.finished]
+            for req in gone:
+                self._release(req)
+                self._dropped.append(req)
         for req in [r for r in self.running if r.finished]:
             self.running.remove(req)
             self._release(req)
@@ -201,6 +209,7 @@ class Scheduler:
 
         # A policy may hold back every waiting request (DLPM: all their clients spent their quantum
         # this round); it then gets the chance to start a new round and the pass runs again.
+        continued = len(admitted)  # a chunked prompt carried on from the last batch: not queued
         for _ in range(MAX_POLICY_ROUNDS):
             before = len(admitted)
             token_budget = self._admission_pass(admitted, token_budget, reserve, chunk, batch_index)
@@ -210,9 +219,12 @@ class Scheduler:
                 break
         if not admitted:
             return None
-        for req, _ in admitted:
-            if req in self.waiting:
-                self.waiting.remove(req)
+        started = [r for r, _ in admitted[continued:]]
+        if started:
+            taken = set(started)  # requests hash by identity
+            self.waiting[:] = [r for r in self.waiting if r not in taken]
+            for req in started:
+                self.policy.on_dequeue(req)
         return self._build_prefill(admitted)
 
     def _admission_pass(
@@ -231,12 +243,15 @@ class Scheduler:
                 break
             if id(req) in taken:
                 continue
+            if req.finished:  # aborted without going through abort(): dropped next time
+                self._abort_pending = True
+                continue
             if len(self.running) + len(admitted) >= cfg.max_running_requests:
                 break
             if not self.policy.may_admit(req):
                 continue
-            fill = req.fill_ids
-            self._match(req)
+            fill = req.fill_ids if req.output_ids else req.origin_input_ids  # read only: no copy
+            self._match(req, fill)
             extend = len(fill) - req.prefix_len
             if batch_index is not None and extend > cfg.in_batch_prefix_tokens:
                 m = len(batch_index.match_prefix(fill).slots)
@@ -258,19 +273,25 @@ class Scheduler:
                 break
             admitted.append((req, take))
             token_budget -= take
-            if batch_index is not None:
+            # A later request can share at most `extend` tokens with this one beyond what the tree
+            # gives it (the tree holds the rest, locked by this request), so after a short extend
+            # there is nothing worth waiting a batch for: skip the insert, it costs per admission.
+            if batch_index is not None and extend >= cfg.in_batch_prefix_tokens:
                 batch_index.insert(fill, np.zeros(len(fill), dtype=np.int64))
             if take < extend:
                 self.chunked_req = req
                 break
         return token_budget
 
-    def _match(self, req: Req) -> None:
+    def _match(self, req: Req, fill: list[int]) -> None:
         if self.config.disable_radix_cache:
             req.prefix_len = 0
             return
-        key = req.fill_ids[: req.max_prefix_len()]
-        m = self.tree.match_prefix(key)
+        anchor = self.policy.cached_prefix(req, self.tree)
+        if anchor is not None:
+            m = self.tree.match_at(*anchor)
+        else:
+            m = self.tree.match_prefix(fill[: req.max_prefix_len()])
         req.slots = m.slots
         req.prefix_len = len(m.slots)
         req.last_node = m.last_node
@@ -333,7 +354,7 @@ class Scheduler:
         logprob_positions: list[tuple[IntArray, IntArray] | None] = []
         for req, take in admitted:
             start = req.kv_len - take  # KV tokens before this pass
-            fill = req.fill_ids
+            fill = req.fill_ids if req.output_ids else req.origin_input_ids  # read only: no copy
             ids.extend(fill[start : start + take])
             positions.append(np.arange(start, start + take, dtype=np.int64))
             out_slots.append(req.slots[start:])
@@ -399,6 +420,7 @@ class Scheduler:
             prefix_lens=positions.copy(),
             extend_lens=np.ones(len(reqs), dtype=np.int64),
             sample=[True] * len(reqs),
+            row_slots=[r.slots for r in reqs],  # lets the executor find prefixes the batch shares
         )
 
     def _take_row_updates(self) -> list[tuple[int, IntArray]]:

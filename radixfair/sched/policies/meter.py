@@ -1,0 +1,61 @@
+"""A policy wrapper that adds up the service each client is charged, for benchmarks and tests.
+
+Service is counted per unit of client weight: `w_in` per prompt token computed for the first time
+and `w_out` per output token, as DLPM charges it; with `charge_cached` (default: only for VTC, which
+charges that way) cached prompt tokens count too. Every hook is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from radixfair.sched.policies.base import SchedulePolicy
+
+if TYPE_CHECKING:
+    from radixfair.cache.radix_cache import RadixCache, TreeNode
+    from radixfair.sched.request import Req
+
+
+class MeteredPolicy(SchedulePolicy):
+    def __init__(self, inner: SchedulePolicy, charge_cached: bool | None = None) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.name = inner.name
+        self.service: dict[str, float] = {}
+        self._charge_cached = inner.name == "vtc" if charge_cached is None else charge_cached
+
+    def bind(self, tree: RadixCache) -> None:
+        self.inner.bind(tree)
+
+    def on_arrival(self, req: Req) -> None:
+        self.inner.on_arrival(req)
+
+    def order(self, waiting: Sequence[Req]) -> Iterable[Req]:
+        return self.inner.order(waiting)
+
+    def may_admit(self, req: Req) -> bool:
+        return self.inner.may_admit(req)
+
+    def cached_prefix(self, req: Req, tree: RadixCache) -> tuple[TreeNode, int] | None:
+        return self.inner.cached_prefix(req, tree)
+
+    def refill(self, waiting: Sequence[Req]) -> bool:
+        return self.inner.refill(waiting)
+
+    def on_admit(self, req: Req, extend_len: int, cached_len: int) -> None:
+        n = extend_len + cached_len if self._charge_cached else extend_len
+        u = req.client_id
+        self.service[u] = self.service.get(u, 0.0) + self.config.w_in * n / self.config.weight(req)
+        self.inner.on_admit(req, extend_len, cached_len)
+
+    def on_dequeue(self, req: Req) -> None:
+        self.inner.on_dequeue(req)
+
+    def on_decode(self, req: Req, n_tokens: int) -> None:
+        u = req.client_id
+        self.service[u] = self.service.get(u, 0.0) + self.config.w_out * n_tokens / self.config.weight(req)
+        self.inner.on_decode(req, n_tokens)
+
+    def on_finish(self, req: Req) -> None:
+        self.inner.on_finish(req)

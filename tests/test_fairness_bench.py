@@ -1,0 +1,99 @@
+"""`bench fairness` end to end on a tiny random model: the trace, the replay, the analysis, the outputs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from radixfair.bench.fairness_workload import WorkloadConfig, make_workload
+from radixfair.cli import main
+
+ROW_FIELDS = {"policy", "throughput", "hit_rate", "jain", "max_service_diff", "avg_service_diff", "p50_latency",
+              "p99_latency", "arrived", "completed", "clients", "timeline", "heavy_client"}
+
+
+def bounded(fn: Callable[[], Any], timeout: float) -> Any:
+    """Fail, not hang, when the benchmark does not return in time."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"bench fairness did not return within {timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_workload_is_seeded_and_shaped() -> None:
+    cfg = WorkloadConfig(num_clients=4, duration=50, rate=2.0, heavy_factor=4, doc_len=(100, 120),
+                         question_len=(5, 9), output_len=(3, 6), seed=7)
+    wl = make_workload(cfg, vocab_size=1000)
+    assert make_workload(cfg, vocab_size=1000) == wl
+    assert make_workload(replace(cfg, seed=8), vocab_size=1000) != wl
+    times = [a.time for a in wl.arrivals]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] < 50
+    counts = {c: sum(a.client == c for a in wl.arrivals) for c in wl.clients}
+    # Poisson counts around 100 per normal client, 400 for the heavy one
+    assert wl.heavy_client == "c0" and counts["c0"] > 2.5 * max(counts[c] for c in ("c1", "c2", "c3"))
+    for a in wl.arrivals:
+        doc = wl.documents[a.client]
+        assert 100 <= len(doc) <= 120 and a.input_ids[: len(doc)] == doc
+        assert 5 <= len(a.input_ids) - len(doc) <= 9 and 3 <= a.max_new_tokens <= 6
+        assert all(100 <= t < 1000 for t in a.input_ids)  # none from the special range at the start
+    # each client's document is its own
+    assert len({tuple(d) for d in wl.documents.values()}) == 4
+
+
+def test_unknown_policy_fails_before_any_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    # the model path does not exist: the policy check must come first to produce this message
+    rc = main(["bench", "fairness", "--policies", "fcfs,nope", "--model", "/nonexistent/model.gguf"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "fcfs" in err
+
+
+def test_fcfs_run_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "fair.json", tmp_path / "fair.png"
+    argv = ["bench", "fairness", "--model", str(tiny_llama), "--dtype", "float32", "--policies", "fcfs",
+            "--clients", "3", "--duration", "3", "--window", "1", "--rate", "3", "--doc-len", "48,96",
+            "--question-len", "4,8", "--output-len", "4,8", "--max-total-tokens", "400", "--no-progress",
+            "--json", str(out), "--plot", str(png)]
+    t = time.monotonic()
+    assert bounded(lambda: main(argv), timeout=60) == 0
+    assert time.monotonic() - t < 20
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.keys() >= ROW_FIELDS and row["policy"] == "fcfs"
+    assert 0 < row["completed"] <= row["arrived"]
+    assert row["throughput"] > 0 and 0 <= row["hit_rate"] <= 1
+    # documents repeat within a client, so some prompt tokens must come from the cache
+    assert row["hit_rate"] > 0
+    assert row["jain"] is None or 1 / 3 - 1e-9 <= row["jain"] <= 1 + 1e-9
+    assert row["max_service_diff"] is None or row["max_service_diff"] >= row["avg_service_diff"] >= 0
+    assert row["p99_latency"] >= row["p50_latency"] > 0
+    clients = row["clients"]
+    assert set(clients) == {"c0", "c1", "c2"} and row["heavy_client"] == "c0"
+    assert sum(c["arrived"] for c in clients.values()) == row["arrived"]
+    # the timeline is the per-client totals cut into windows
+    timeline = row["timeline"]
+    assert len(timeline["edges"]) == 4 and timeline["edges"][-1] == 3
+    for c, info in clients.items():
+        assert sum(timeline["service"][c]) == pytest.approx(info["service"])
+    assert sum(c["service"] for c in clients.values()) > 0
+    assert png.stat().st_size > 10_000
