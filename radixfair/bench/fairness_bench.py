@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -72,7 +73,10 @@ def run_policy(policy: str, wl: Workload, kw: dict[str, Any], ns: argparse.Names
         engine.generate(input_ids=wl.documents[wl.clients[0]][:32],
                         sampling_params={"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True})
         engine.flush_cache()
+        # redirected to a file, a bar redrawn every 0.1 s would bury the tables
+        interval = 0.5 if sys.stderr.isatty() else 30.0
         with tqdm(total=round(ns.duration), desc=f"{policy:>10}", unit="s", disable=not ns.progress,
+                  mininterval=interval,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}s {postfix}") as bar:
 
             def progress(elapsed: float, arrived: int, completed: int) -> None:
