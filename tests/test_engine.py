@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_real_model
+from helpers import bounded as _bounded
 from tiny_models import load_hf
 
 from radixfair.engine.engine import Engine
@@ -38,28 +39,12 @@ PROMPTS = SHORT + LONG
 MAX_NEW = SHORT_NEW + LONG_NEW
 
 
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT, **kwargs: Any) -> Any:
+    return _bounded(fn, *args, timeout=timeout, **kwargs)
+
+
 def greedy(n: int, **extra: Any) -> dict[str, Any]:
     return {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True, **extra}
-
-
-def bounded(fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT, **kwargs: Any) -> Any:
-    """Run `fn` in a helper thread; fail (not hang) if it does not return within `timeout` seconds."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def gen(engine: Engine, timeout: float = TIMEOUT, **kwargs: Any) -> Any:

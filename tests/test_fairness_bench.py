@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import bounded
 
 from radixfair.bench.fairness_workload import WorkloadConfig, make_workload
 from radixfair.cli import main
 
 ROW_FIELDS = {"policy", "throughput", "hit_rate", "jain", "max_service_diff", "avg_service_diff", "p50_latency",
               "p99_latency", "arrived", "completed", "clients", "timeline", "heavy_client"}
-
-
-def bounded(fn: Callable[[], Any], timeout: float) -> Any:
-    """Fail, not hang, when the benchmark does not return in time."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        pytest.fail(f"bench fairness did not return within {timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def test_workload_is_seeded_and_shaped() -> None:

@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import TrackingAllocator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixfair.cache.allocator import SlotAllocator, SlotArray
+from radixfair.cache.allocator import SlotAllocator
 from radixfair.cache.bench import bench_match_prefix
 from radixfair.cache.radix_cache import RadixCache, TreeNode, _common_prefix_len
 
 Key = tuple[int, ...]
-
-
-class TrackingAllocator(SlotAllocator):
-    """Knows exactly which slots are handed out, so double frees and leaks fail loudly."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.outstanding: set[int] = set()
-        self.free_log: list[int] = []
-
-    def alloc(self, n: int) -> SlotArray | None:
-        out = super().alloc(n)
-        if out is not None:
-            for s in out.tolist():
-                assert s not in self.outstanding, f"slot {s} handed out twice"
-                self.outstanding.add(s)
-        return out
-
-    def free(self, slots: SlotArray) -> None:
-        for s in np.asarray(slots).tolist():
-            assert s in self.outstanding, f"slot {s} freed but not outstanding"
-            self.outstanding.remove(s)
-            self.free_log.append(s)
-        super().free(slots)
 
 
 POOL = 64

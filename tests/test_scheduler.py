@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from helpers import TrackingAllocator
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from radixfair.cache.allocator import SlotAllocator, SlotArray
 from radixfair.cache.radix_cache import RadixCache
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
@@ -32,28 +32,6 @@ def next_token(position: int) -> int:
 
 def expected_output(prompt_len: int, max_new: int) -> list[int]:
     return [next_token(prompt_len + j) for j in range(max_new)]
-
-
-class TrackingAllocator(SlotAllocator):
-    """Fails loudly on a slot handed out twice or freed while not handed out."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.outstanding: set[int] = set()
-
-    def alloc(self, n: int) -> SlotArray | None:
-        out = super().alloc(n)
-        if out is not None:
-            for s in out.tolist():
-                assert s not in self.outstanding, f"slot {s} handed out twice"
-                self.outstanding.add(s)
-        return out
-
-    def free(self, slots: SlotArray) -> None:
-        for s in np.asarray(slots).tolist():
-            assert s in self.outstanding, f"slot {s} freed but not handed out"
-            self.outstanding.remove(s)
-        super().free(slots)
 
 
 def make_scheduler(**cfg: object) -> Scheduler:

@@ -8,7 +8,6 @@ running until its longest request is done. Throughput counts the tokens each req
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixfair.bench.report import print_table
+from radixfair.bench.report import print_table, write_json
 
 
 @dataclass(frozen=True)
@@ -216,10 +215,7 @@ def main(ns: argparse.Namespace) -> int:
              f"copy {row['copy_bandwidth_gb_s']:.1f}", f"{row['bandwidth_fraction']:.0%} of copy"],
         ],
     )
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(row, f, indent=2)
-        print(f"wrote {ns.json}")
+    write_json(ns.json, row)
     return 0
 
 

@@ -11,7 +11,6 @@ counts the tokens delivered before the cut.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from radixfair.bench.fairness_driver import RunResult, replay
 from radixfair.bench.fairness_workload import Workload, WorkloadConfig, default_pool_tokens, make_workload
-from radixfair.bench.report import print_table
+from radixfair.bench.report import print_table, write_json
 from radixfair.metrics import as_plain, fairness_report
 
 DEFAULT_POLICIES = "fcfs,lpm,vtc,dlpm"
@@ -198,10 +197,7 @@ def main(ns: argparse.Namespace) -> int:
         rows.append(row)
     print(f"{len(policies)} policies in {time.perf_counter() - t:.0f} s")
     print_summary(rows, wl)
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(rows, f, indent=2)
-        print(f"wrote {ns.json}")
+    write_json(ns.json, rows)
     if ns.plot:
         from radixfair.bench.fairness_plot import plot_service_rates
 

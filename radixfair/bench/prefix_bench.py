@@ -4,13 +4,12 @@ radix cache and with `--disable-radix-cache`, in one process; plus the tree's ow
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import numpy as np
 
-from radixfair.bench.report import print_table
+from radixfair.bench.report import print_table, write_json
 
 
 def make_requests(num: int, prefix_len: int, suffix_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -79,10 +78,7 @@ def main(ns: argparse.Namespace) -> int:
             ["match_prefix 4k prompt / 100k-token tree", f"{row['match_prefix_us_median']:.0f} µs median", "", ""],
         ],
     )
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(row, f, indent=2)
-        print(f"wrote {ns.json}")
+    write_json(ns.json, row)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -21,3 +23,11 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str
     if width is not None and not console.is_terminal:
         console = Console(width=width)
     console.print(table)
+
+
+def write_json(path: str | None, obj: Any) -> None:
+    """Write a benchmark's JSON result (when `--json` was given) and say where."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+        print(f"wrote {path}")
