@@ -1,4 +1,4 @@
-"""`radixfair` command line: generate, bench."""
+"""`radixfair` command line: generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -86,6 +86,84 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def load_api_keys(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON
+    `{"KEY": "alice"}` or `{"KEY": {"client": "alice", "weight": 2}}`."""
+    import json
+
+    from radixfair.server.app import ServerClient
+
+    if ns.api_key is not None:
+        if not ns.api_key:
+            raise ValueError("--api-key is empty")
+        return {ns.api_key: ServerClient("default")}
+    if ns.api_keys is None:
+        return None
+    with open(ns.api_keys, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--api-keys {ns.api_keys}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"--api-keys {ns.api_keys}: expected a non-empty object of KEY -> client")
+    keys: dict[str, Any] = {}
+    for i, (key, v) in enumerate(raw.items()):
+        # the error names the entry by position: a message must never echo a key
+        where = f"--api-keys {ns.api_keys}: entry {i + 1}"
+        if not key:
+            raise ValueError(f"{where}: empty key")
+        if isinstance(v, str):
+            v = {"client": v}
+        if not isinstance(v, dict) or not isinstance(v.get("client"), str) or not v["client"]:
+            raise ValueError(f'{where}: expected "client-name" or {{"client": NAME, "weight": W}}')
+        w = v.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+            raise ValueError(f"{where}: weight must be a number > 0")
+        keys[key] = ServerClient(v["client"], float(w))
+    return keys
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
+    import uvicorn
+
+    from radixfair.engine.engine import Engine
+    from radixfair.server.app import create_app
+
+    keys = load_api_keys(ns)
+    kw = engine_kwargs(ns)
+    if keys:
+        # weights from the key file feed the fair policies; --client-weights still wins
+        weights = {c.client: c.weight for c in keys.values() if c.weight != 1.0}
+        kw["client_weights"] = {**weights, **kw["client_weights"]}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly while the model loads
+    try:
+        with Engine(**kw) as engine:
+            app = create_app(engine, keys)
+            config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level.lower(),
+                                    timeout_graceful_shutdown=5)
+            server = uvicorn.Server(config)
+            host = f"[{ns.host}]" if ":" in ns.host else ns.host
+
+            # uvicorn installs its own SIGINT/SIGTERM handlers (graceful shutdown) inside run(); the URL
+            # is printed from a watcher so it appears only once the socket is bound
+            def announce() -> None:
+                while not server.started and not server.should_exit:
+                    time.sleep(0.05)
+                if server.started:
+                    print(f"radixfair: serving {engine.model_path} at http://{host}:{ns.port}", flush=True)
+
+            threading.Thread(target=announce, name="radixfair-announce", daemon=True).start()
+            server.run()
+    except KeyboardInterrupt:
+        # SIGINT/SIGTERM: uvicorn has already drained and closed; it re-raises the signal on exit
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radixfair", description=__doc__)
     p.add_argument("--log-level", default="warning")
@@ -101,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
 
+    s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, local only)")
+    s.add_argument("--port", type=int, default=30000)
+    auth = s.add_mutually_exclusive_group()
+    auth.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    auth.add_argument("--api-keys", default=None, metavar="FILE",
+                      help='JSON {"KEY": {"client": "alice", "weight": 2}}: per-key client identity')
+    add_engine_args(s)
+    s.set_defaults(func=_cmd_serve)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     from radixfair.bench import engine_bench, fairness_bench, prefix_bench
@@ -108,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_bench.add_parser(bsub)
     prefix_bench.add_parser(bsub)
     fairness_bench.add_parser(bsub)
+    from radixfair.bench import sim_bench
+
+    sim_bench.add_parser(bsub)
     return p
 
 

@@ -1,0 +1,233 @@
+"""Deterministic discrete-event simulation of radixfair workers.
+
+Each simulated worker is the engine's own `Scheduler` with a policy from `make_policy` and the
+scheduler's own radix cache over a KV pool of slot ids (the scheduler never touches tensors, so no
+fake pool is needed). Only the executor is replaced: it returns deterministic token ids at once, and
+the batch's duration comes from a `CostModel`. So admission, chunking, eviction, retraction and every
+policy decision are the code that runs in production; what is modelled is only how long a pass takes.
+
+Time is virtual. Events are arrivals (from a trace) and batch completions; ties break by a fixed
+order and a sequence number, and nothing reads the wall clock, so one seed gives one result.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixfair.metrics.fairness import (
+    W_IN,
+    W_OUT,
+    FairnessReport,
+    RequestRecord,
+    ServiceEvent,
+    fairness_report,
+)
+from radixfair.sampling_params import SamplingParams
+from radixfair.sched.batch import BatchOutput, ScheduledBatch
+from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, PolicyConfig, make_policy
+from radixfair.sched.request import Req
+from radixfair.sched.scheduler import Scheduler, SchedulerConfig
+from radixfair.sim.cost_model import CostModel
+from radixfair.sim.trace import VOCAB_LO, VOCAB_SIZE, TraceRecord
+
+ROUTINGS = ("round-robin",)
+_DONE, _ARRIVE = 0, 1  # at equal times a finishing batch frees its KV before arrivals are queued
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    policy: str = "dlpm"
+    num_workers: int = 1
+    routing: str = "round-robin"
+    # per worker, as the engine's flags of the same names
+    max_total_tokens: int = 16_384
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 8192
+    chunked_prefill_size: int = 2048
+    max_context_len: int = 32_768
+    disable_radix_cache: bool = False
+    w_in: float = W_IN
+    w_out: float = W_OUT
+    dlpm_quantum: float = DEFAULT_DLPM_QUANTUM
+    vocab_size: int = VOCAB_SIZE
+    seed: int = 0  # of the fake executor's tokens
+    horizon: float | None = None  # stop at this virtual time (None: run until every request finished)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {self.routing!r}; choose from {', '.join(ROUTINGS)}")
+
+
+@dataclass
+class SimWorker:
+    index: int
+    scheduler: Scheduler
+    busy: bool = False
+    batches: int = 0
+    busy_time: float = 0.0
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    cost_model: str
+    records: list[RequestRecord]  # trace order
+    rids: list[str]
+    events: list[ServiceEvent]  # charged service as it was delivered, at batch completion times
+    finish_counts: dict[str, int]  # rid -> times it finished (conservation: exactly 1 each)
+    makespan: float  # virtual time of the last event processed
+    arrivals_end: float  # time of the last arrival
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, window: float, t1: float | None = None) -> FairnessReport:
+        """Fairness over [0, t1): by default the arrival period, where an overloaded system keeps
+        every client backlogged; the drain after it only shows who was left waiting."""
+        end = t1 if t1 is not None else self.arrivals_end
+        return fairness_report(self.records, self.events, t0=0.0, t1=end, window=window,
+                               w_in=self.config.w_in, w_out=self.config.w_out,
+                               clients=sorted({r.client for r in self.records}))
+
+
+class Simulator:
+    def __init__(self, trace: Sequence[TraceRecord], cost_model: CostModel, config: SimConfig | None = None) -> None:
+        self.config = cfg = config or SimConfig()
+        self.cost_model = cost_model
+        self.trace = sorted(trace, key=lambda r: r.time)  # stable: equal times keep trace order
+        pcfg = PolicyConfig(w_in=cfg.w_in, w_out=cfg.w_out, dlpm_quantum=cfg.dlpm_quantum)
+        scfg = SchedulerConfig(max_total_tokens=cfg.max_total_tokens, max_running_requests=cfg.max_running_requests,
+                               max_prefill_tokens=cfg.max_prefill_tokens,
+                               chunked_prefill_size=cfg.chunked_prefill_size, max_context_len=cfg.max_context_len,
+                               disable_radix_cache=cfg.disable_radix_cache)
+        # the engine's classes themselves, never copies: the point is to exercise the real decisions
+        self.workers = [SimWorker(i, Scheduler(scfg, make_policy(cfg.policy, pcfg))) for i in range(cfg.num_workers)]
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
+        self._seq = itertools.count()
+        self._inflight: dict[int, ScheduledBatch] = {}
+        self._index: dict[int, int] = {}  # id(req) -> trace index
+        self._reqs: list[Req | None] = [None] * len(self.trace)
+        self._first: list[float | None] = [None] * len(self.trace)
+        self._finish: list[float | None] = [None] * len(self.trace)
+        self._finish_counts: dict[str, int] = {}
+        self._events: list[ServiceEvent] = []
+        self._rr = 0
+        self._ran = False
+
+    def _push(self, t: float, kind: int, payload: int) -> None:
+        heapq.heappush(self._heap, (t, kind, next(self._seq), payload))
+
+    def run(self) -> SimResult:
+        if self._ran:
+            raise RuntimeError("a Simulator runs once; build a new one (its workers hold the old state)")
+        self._ran = True
+        for i, rec in enumerate(self.trace):
+            self._push(rec.time, _ARRIVE, i)
+        horizon = self.config.horizon
+        while self._heap:
+            t, kind, _, payload = self._heap[0]
+            if horizon is not None and t > horizon:
+                break
+            heapq.heappop(self._heap)
+            self.now = t
+            if kind == _ARRIVE:
+                w = self._route(payload)
+            else:
+                w = self.workers[payload]
+                self._complete(w)
+            if not w.busy:
+                self._start(w)
+        return self._result()
+
+    def _route(self, i: int) -> SimWorker:
+        rec = self.trace[i]
+        w = self.workers[self._rr % len(self.workers)]  # round-robin: the baseline a router must beat
+        self._rr += 1
+        rid = rec.rid or f"r{i}"
+        req = Req(origin_input_ids=rec.input_ids(self.config.vocab_size),
+                  sampling_params=SamplingParams(max_new_tokens=rec.output_len, ignore_eos=True),
+                  rid=rid, client_id=rec.client, arrival_time=self.now)  # virtual: FCFS/VTC order by it
+        self._reqs[i] = req
+        self._index[id(req)] = i
+        self._finish_counts[rid] = 0
+        w.scheduler.add_request(req)
+        return w
+
+    def _start(self, w: SimWorker) -> None:
+        batch = w.scheduler.schedule()
+        for req in w.scheduler.pop_dropped():  # aborted outside a batch (e.g. the pool is too small)
+            self._finished(req)
+        if batch is None:
+            return
+        dt = self.cost_model.batch_time(batch)
+        w.busy = True
+        w.batches += 1
+        w.busy_time += dt
+        self._inflight[w.index] = batch
+        self._push(self.now + dt, _DONE, w.index)
+
+    def _complete(self, w: SimWorker) -> None:
+        batch = self._inflight.pop(w.index)
+        w.busy = False
+        before = [len(r.output_ids) for r in batch.reqs]
+        finished = w.scheduler.process_output(batch, BatchOutput(next_token_ids=self._tokens(batch)))
+        cfg = self.config
+        for req, n0 in zip(batch.reqs, before, strict=True):
+            new = len(req.output_ids) - n0
+            if new <= 0:
+                continue
+            i = self._index[id(req)]
+            amount = cfg.w_out * new
+            if self._first[i] is None:
+                # the prefill's input is charged with its first token, as RequestRecord.charged does
+                self._first[i] = self.now
+                amount += cfg.w_in * (len(req.origin_input_ids) - req.cached_tokens)
+            self._events.append(ServiceEvent(self.now, req.client_id, amount))
+        for req in finished:
+            self._finished(req)
+
+    def _finished(self, req: Req) -> None:
+        i = self._index[id(req)]
+        self._finish_counts[req.rid] += 1
+        if self._finish[i] is None:
+            self._finish[i] = self.now
+
+    def _tokens(self, batch: ScheduledBatch) -> list[int]:
+        """A token per sampling request, a pure function of (seed, request, position): replayable,
+        and never EOS (the requests ignore it anyway; the trace fixes every output length)."""
+        span = self.config.vocab_size - VOCAB_LO
+        out: list[int] = []
+        for req, s in zip(batch.reqs, batch.sample, strict=True):
+            if not s:
+                out.append(-1)
+                continue
+            h = (self._index[id(req)] * 0x9E3779B1 + len(req.output_ids) * 0x85EBCA77
+                 + self.config.seed * 0xC2B2AE3D) & 0xFFFFFFFF
+            out.append(VOCAB_LO + (h ^ (h >> 15)) % span)
+        return out
+
+    def _result(self) -> SimResult:
+        records: list[RequestRecord] = []
+        rids: list[str] = []
+        for i, rec in enumerate(self.trace):
+            req = self._reqs[i]
+            if req is None:  # arrives after the horizon
+                continue
+            rids.append(req.rid)
+            records.append(RequestRecord(client=rec.client, arrival=rec.time, first_token=self._first[i],
+                                         finish=self._finish[i], prompt_tokens=len(req.origin_input_ids),
+                                         cached_tokens=req.cached_tokens, output_tokens=len(req.output_ids)))
+        stats = []
+        for w in self.workers:
+            s = w.scheduler.stats
+            stats.append({"batches": w.batches, "busy_time": w.busy_time, "hit_rate": s.hit_rate,
+                          "prefill_tokens": s.prefill_tokens, "decode_tokens": s.decode_tokens,
+                          "retractions": s.retractions})
+        return SimResult(config=self.config, cost_model=self.cost_model.name, records=records, rids=rids,
+                         events=self._events, finish_counts=dict(self._finish_counts), makespan=self.now,
+                         arrivals_end=self.trace[-1].time if self.trace else 0.0, workers=stats)

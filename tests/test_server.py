@@ -1,0 +1,410 @@
+"""HTTP server: native and OpenAI APIs against a live uvicorn server over the tiny model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from radixfair.engine.engine import Engine
+from radixfair.server import ServerClient, create_app
+
+KEYS = {"sk-alice": ServerClient("alice", 2.0), "sk-bob": ServerClient("bob")}
+GREEDY = {"max_new_tokens": 8, "temperature": 0}
+
+
+class LiveServer:
+    def __init__(self, app: Any) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path) -> Iterator[Engine]:
+    with Engine(str(tiny_llama), dtype="float32", max_total_tokens=4096) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Iterator[LiveServer]:
+    srv = LiveServer(create_app(engine))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(engine: Engine) -> Iterator[LiveServer]:
+    srv = LiveServer(create_app(engine, KEYS))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def oai(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+
+
+def sse_events(lines: Iterator[str]) -> list[Any]:
+    """Parse an SSE body, checking its framing: only `data:` lines, ending with [DONE]."""
+    events: list[Any] = []
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            events.append(payload)
+            break
+        events.append(json.loads(payload))
+    assert events and events[-1] == "[DONE]"
+    return events[:-1]
+
+
+def assert_clean(engine: Engine) -> None:
+    engine.wait_idle(timeout=20)
+    _free, _evictable, protected = engine.check_invariant()
+    assert protected == 0
+
+
+# ---- native API ---------------------------------------------------------------------------------------
+def test_generate_single_matches_engine(http: httpx.Client, engine: Engine) -> None:
+    r = http.post("/generate", json={"text": "Hello world", "sampling_params": GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"text", "output_ids", "meta_info"}
+    direct = engine.generate("Hello world", GREEDY)
+    assert body["output_ids"] == direct["output_ids"] and body["text"] == direct["text"]
+    meta = body["meta_info"]
+    assert meta["completion_tokens"] == len(body["output_ids"]) and meta["prompt_tokens"] > 0
+    assert meta["finish_reason"]["type"] in ("stop", "length")
+
+
+def test_generate_batch_input_ids_and_logprobs(http: httpx.Client) -> None:
+    r = http.post("/generate", json={"text": ["a b", "c d e"], "sampling_params": GREEDY})
+    assert r.status_code == 200 and isinstance(r.json(), list) and len(r.json()) == 2
+    r = http.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3},
+                                     "return_logprob": True, "top_logprobs_num": 2, "rid": "my-rid"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+    assert meta["id"] == "my-rid"
+    assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    r = http.post("/generate", json={"input_ids": [[5, 6], [7, 8]], "sampling_params": {"max_new_tokens": 0}})
+    assert r.status_code == 200 and [x["output_ids"] for x in r.json()] == [[], []]  # prefill-only
+
+
+def test_generate_stream_framing(http: httpx.Client) -> None:
+    params = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", "/generate", json={"text": "stream me", "sampling_params": params, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(r.iter_text())
+    assert raw.endswith("data: [DONE]\n\n") and "\n\n\n" not in raw
+    events = sse_events(iter(raw.split("\n")))
+    assert len(events) == 6
+    texts = [e["text"] for e in events]
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))  # cumulative
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(set(e) == {"text", "output_ids", "meta_info"} for e in events)
+
+
+def test_info_endpoints(http: httpx.Client, engine: Engine) -> None:
+    assert http.get("/health").status_code == 200
+    assert http.get("/health_generate").status_code == 200
+    assert http.get("/get_model_info").json() == {
+        "model_path": engine.model_path, "tokenizer_path": engine.model_path, "is_generation": True}
+    info = http.get("/get_server_info").json()
+    assert info["max_total_tokens"] == 4096 and info["schedule_policy"] == engine.args.schedule_policy
+    load = http.get("/get_load").json()
+    assert load["max_total_tokens"] == 4096 and load["num_reqs"] >= 0
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == engine.model_path
+    assert http.post("/abort_request", json={"rid": "nobody"}).status_code == 200
+    engine.wait_idle(timeout=20)
+    r = http.post("/flush_cache")
+    assert r.status_code == 200, r.text
+    assert engine.get_stats()["tree_tokens"] == 0
+
+
+def test_flush_cache_refused_while_busy(http: httpx.Client, engine: Engine) -> None:
+    params = {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0}
+    with http.stream("POST", "/generate", json={"text": "busy", "sampling_params": params, "stream": True}) as r:
+        # keep the line iterator referenced: closing it closes the response, i.e. disconnects
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith("data: ")
+        busy = http.post("/flush_cache")
+        assert engine.get_stats()["running"] == 1, "the request finished too soon for this test"
+        assert busy.status_code == 400 and "flush" in busy.json()["error"]["message"]
+    assert_clean(engine)
+
+
+# ---- OpenAI API --------------------------------------------------------------------------------------
+def test_openai_chat(oai: openai.OpenAI, engine: Engine) -> None:
+    msgs = [{"role": "user", "content": "Hi there"}]
+    c = oai.chat.completions.create(model="x", messages=msgs, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    text = engine.tokenizer.apply_chat_template(msgs)
+    direct = engine.generate(text, {"max_new_tokens": 5, "temperature": 0})
+    assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == direct["text"]
+    assert c.choices[0].finish_reason == direct["meta_info"]["finish_reason"]["type"]
+    assert c.usage is not None and c.usage.completion_tokens == direct["meta_info"]["completion_tokens"]
+    assert c.usage.prompt_tokens == direct["meta_info"]["prompt_tokens"]
+    # the second identical prompt is served from the radix cache
+    assert c.usage.prompt_tokens_details is not None and c.usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "count"}], max_completion_tokens=4,
+        temperature=0.8, seed=1, n=2, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    texts = {0: "", 1: ""}
+    finish: dict[int, str | None] = {}
+    usage = None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert finish == {0: "length", 1: "length"}
+    assert usage is not None and usage.completion_tokens == 8
+    c = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "lp"}], max_tokens=3,
+                                    temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == c.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_openai_completions(oai: openai.OpenAI) -> None:
+    c = oai.completions.create(model="x", prompt="The", max_tokens=4, temperature=0, n=3, seed=3, logprobs=1)
+    assert c.object == "text_completion" and [ch.index for ch in c.choices] == [0, 1, 2]
+    assert c.usage is not None and c.usage.completion_tokens == sum(
+        len(ch.logprobs.tokens or []) for ch in c.choices)  # type: ignore[union-attr]
+    assert c.choices[0].text == c.choices[1].text  # greedy: the same sample n times
+    s = oai.completions.create(model="x", prompt=[[5, 6, 7]], max_tokens=3, temperature=0, stream=True,
+                               extra_body={"ignore_eos": True})
+    chunks = list(s)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(ch.object == "text_completion" for ch in chunks)
+
+
+def test_openai_stop(oai: openai.OpenAI) -> None:
+    c = oai.completions.create(model="x", prompt="abc", max_tokens=12, temperature=0)
+    full = c.choices[0].text
+    if len(full) >= 3:
+        stop = full[1:3]
+        c2 = oai.completions.create(model="x", prompt="abc", max_tokens=12, temperature=0, stop=[stop])
+        assert c2.choices[0].finish_reason == "stop" and stop not in c2.choices[0].text
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+    ("/v1/completions", {"prompt": "", "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2, "bogus": 1}}, None),
+    ("/generate", {"text": "x", "sampling_params": {"top_p": 2}}, "top_p"),
+    ("/generate", {"text": "", "sampling_params": {"max_new_tokens": 2}}, None),
+    ("/generate", {"input_ids": [10**9]}, None),
+    ("/generate", {"sampling_params": {}}, None),
+    ("/generate", {"text": "x", "top_logprobs_num": 99}, None),
+])
+def test_bad_input_is_4xx(http: httpx.Client, path: str, body: dict[str, Any], param: str | None) -> None:
+    r = http.post(path, json=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param and param in err["message"]
+    if "bogus" in json.dumps(body):
+        assert "bogus" in err["message"]
+    assert http.get("/health_generate").status_code == 200  # still serving
+
+
+def test_malformed_json(http: httpx.Client) -> None:
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        r = http.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        r = http.post(path, json=[1, 2])
+        assert 400 <= r.status_code < 500
+    assert http.get("/health").status_code == 200
+
+
+# ---- auth and client identity --------------------------------------------------------------------------
+def test_auth(auth_server: LiveServer) -> None:
+    with httpx.Client(base_url=auth_server.url, timeout=30) as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-alice"}):
+            for path in ("/get_model_info", "/v1/models", "/health_generate"):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+                assert "sk-" not in r.text  # never echo keys
+        r = c.post("/generate", json={"text": "x", "sampling_params": GREEDY})
+        assert r.status_code == 401
+        ok = {"Authorization": "Bearer sk-bob"}
+        assert c.get("/get_model_info", headers=ok).status_code == 200
+        assert c.post("/generate", json={"text": "x", "sampling_params": GREEDY}, headers=ok).status_code == 200
+    client = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-alice", max_retries=0, timeout=30)
+    assert client.completions.create(model="x", prompt="hi", max_tokens=2).choices
+    bad = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-nope", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="x", prompt="hi", max_tokens=2)
+
+
+def _clients_seen(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    orig = engine.make_requests
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        reqs = orig(*args, **kw)
+        seen.extend(r.client_id for r in reqs)
+        return reqs
+
+    monkeypatch.setattr(engine, "make_requests", spy)
+    return seen
+
+
+def test_client_identity(server: LiveServer, auth_server: LiveServer, engine: Engine,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _clients_seen(engine, monkeypatch)
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.post("/v1/chat/completions", json=chat)
+        c.post("/v1/chat/completions", json={**chat, "user": "carol"})
+        c.post("/v1/chat/completions", json={**chat, "user": "carol"}, headers={"X-Client-Id": "dave"})
+        c.post("/generate", json={"text": "x", "sampling_params": GREEDY},
+               headers={"x-gateway-inference-fairness-id": "erin"})
+    with httpx.Client(base_url=auth_server.url, timeout=30) as c:
+        # the key's client wins over anything the caller claims
+        c.post("/v1/chat/completions", json={**chat, "user": "carol"},
+               headers={"X-Client-Id": "dave", "Authorization": "Bearer sk-alice"})
+    assert seen == ["default", "carol", "dave", "erin", "alice"]
+
+
+# ---- disconnects --------------------------------------------------------------------------------------------
+def test_cancelled_streams_release_kv(server: LiveServer, engine: Engine) -> None:
+    params = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
+    decoded_before = engine.get_stats()["decode_tokens"]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for i in range(3):
+            with c.stream("POST", "/generate", json={"text": f"long {i}", "sampling_params": params,
+                                                     "stream": True}) as r:
+                got = 0
+                for line in r.iter_lines():
+                    got += line.startswith("data: ")
+                    if got >= 2:
+                        break  # leaving the block closes the connection mid-stream
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True,
+                "ignore_eos": True, "n": 2}) as r:
+            next(line for line in r.iter_lines() if line)
+    deadline = time.monotonic() + 20
+    while engine.get_stats()["running"] + engine.get_stats()["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = engine.get_stats()
+    assert stats["running"] == stats["waiting"] == 0, "disconnected streams were not aborted"
+    assert stats["decode_tokens"] - decoded_before < 2500  # five 1000-token requests were cut short
+    assert_clean(engine)
+
+
+def test_curl_style_form_content_type(http: httpx.Client) -> None:
+    # `curl -d '{...}'` labels the body as a form; it is still read as JSON
+    r = http.post("/generate", content=b'{"text": "x", "sampling_params": {"max_new_tokens": 1}}',
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def test_api_keys_file(tmp_path: Path) -> None:
+    from radixfair.cli import build_parser, load_api_keys
+
+    f = tmp_path / "keys.json"
+    f.write_text(json.dumps({"sk-1": {"client": "alice", "weight": 2}, "sk-2": "bob"}))
+    ns = build_parser().parse_args(["serve", "--api-keys", str(f)])
+    assert (ns.host, ns.port) == ("127.0.0.1", 30000)
+    assert load_api_keys(ns) == {"sk-1": ServerClient("alice", 2.0), "sk-2": ServerClient("bob", 1.0)}
+    ns = build_parser().parse_args(["serve", "--api-key", "sk-x"])
+    assert load_api_keys(ns) == {"sk-x": ServerClient("default")}
+    f.write_text(json.dumps({"sk-secret": {"client": "alice", "weight": -1}}))
+    with pytest.raises(ValueError, match="weight") as e:
+        load_api_keys(build_parser().parse_args(["serve", "--api-keys", str(f)]))
+    assert "sk-secret" not in str(e.value)  # errors never echo a key
+
+
+def test_serve_command_starts_and_stops(tiny_llama: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radixfair.cli", "serve", "--model", str(tiny_llama), "--dtype", "float32",
+         "--max-total-tokens", "1024", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        # read in a helper thread so a silent, hung server fails the test instead of blocking it
+        threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not any("serving" in x for x in lines) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert any(f"http://127.0.0.1:{port}" in x for x in lines), lines
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_metrics(http: httpx.Client) -> None:
+    r = http.post("/generate", json={"text": "m", "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}},
+                  headers={"X-Client-Id": "metered"})
+    assert r.status_code == 200
+    m = http.get("/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    assert "radixfair_kv_pool_slots 4096.0" in m.text
+    assert 'radixfair_client_output_tokens_total{client="metered"} 2.0' in m.text
+    assert 'radixfair_requests_total{client="metered",finish_reason="length"} 1.0' in m.text
