@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -320,28 +321,40 @@ def test_client_identity(server: LiveServer, auth_server: LiveServer, engine: En
 
 # ---- disconnects --------------------------------------------------------------------------------------------
 def test_cancelled_streams_release_kv(server: LiveServer, engine: Engine) -> None:
+    """50 native streams, open at once, each dropped after its second chunk, and an OpenAI stream
+    (n=2) dropped after its first: every KV slot comes back."""
     params = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
     decoded_before = engine.get_stats()["decode_tokens"]
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        for i in range(3):
-            with c.stream("POST", "/generate", json={"text": f"long {i}", "sampling_params": params,
-                                                     "stream": True}) as r:
-                got = 0
-                for line in r.iter_lines():
-                    got += line.startswith("data: ")
-                    if got >= 2:
-                        break  # leaving the block closes the connection mid-stream
-        with c.stream("POST", "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True,
-                "ignore_eos": True, "n": 2}) as r:
-            next(line for line in r.iter_lines() if line)
+
+    async def drop_after(c: httpx.AsyncClient, i: int) -> None:
+        async with c.stream("POST", "/generate", json={"text": f"long {i}", "sampling_params": params,
+                                                       "stream": True}) as r:
+            got = 0
+            async for line in r.aiter_lines():
+                got += line.startswith("data: ")
+                if got >= 2:
+                    break  # leaving the block closes the connection mid-stream
+
+    async def drop_all() -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as c:
+            await asyncio.wait_for(asyncio.gather(*(drop_after(c, i) for i in range(50))), 60)
+
+    asyncio.run(drop_all())
+    chat = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "stream": True,
+            "ignore_eos": True, "n": 2}
+    with httpx.Client(base_url=server.url, timeout=30) as c, c.stream("POST", "/v1/chat/completions",
+                                                                     json=chat) as r:
+        next(line for line in r.iter_lines() if line)
     deadline = time.monotonic() + 20
     while engine.get_stats()["running"] + engine.get_stats()["waiting"] and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = engine.get_stats()
     assert stats["running"] == stats["waiting"] == 0, "disconnected streams were not aborted"
-    assert stats["decode_tokens"] - decoded_before < 2500  # five 1000-token requests were cut short
-    assert_clean(engine)
+    assert stats["decode_tokens"] - decoded_before < 26000  # 52 1000-token requests were cut short
+    engine.wait_idle(timeout=20)
+    free, evictable, protected = engine.check_invariant()
+    assert protected == 0 and free + evictable == engine.max_total_tokens
 
 
 def test_curl_style_form_content_type(http: httpx.Client) -> None:

@@ -138,7 +138,8 @@ def test_misbehave_s1_dlpm_is_fairer_than_lpm() -> None:
     scen = get_scenario("misbehave-s1")
     # a shorter run of the real scenario keeps the test quick
     scen = replace(scen, trace=replace(scen.trace, duration=25.0))
-    rows = {r["policy"]: r for r in run_scenario(scen, load_profile("a100-llama3.1-8b"), ["lpm", "dlpm"])}
+    rows = {r["policy"]: r for r in run_scenario(scen, load_profile("a100-llama3.1-8b"), ["lpm", "dlpm"],
+                                                 workloads=["docqa"])}
     assert rows["dlpm"]["jain"] > rows["lpm"]["jain"]
     assert rows["dlpm"]["hit_rate"] > 0.5  # and it keeps most of LPM's locality
     assert set(rows["lpm"]) >= {"scenario", "policy", "workload", "throughput", "jain", "max_service_diff",
@@ -161,3 +162,114 @@ def test_cli_bench_sim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["bench", "sim", "--policies", "lpm,dlpm", "--trace", str(trace), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["lpm", "dlpm"] and rows[0]["scenario"] == "misbehave-s1"
+
+
+# ---- misbehave-s2, clients-scale, calibrate ------------------------------------------------------
+
+ROW_KEYS = {"scenario", "policy", "workload", "throughput", "jain", "max_service_diff", "p99_latency", "hit_rate"}
+
+
+def test_heavy_doc_factor_lengthens_only_c0s_documents() -> None:
+    plain = generate(SMALL)
+    s2 = generate(replace(SMALL, heavy_factor=1.0, heavy_doc_factor=4.0))
+    base = generate(replace(SMALL, heavy_factor=1.0))
+    assert generate(replace(SMALL, heavy_doc_factor=1.0)) == plain  # the default changes nothing
+    assert [(r.time, r.client) for r in s2] == [(r.time, r.client) for r in base]  # same arrivals
+    for a, b in zip(base, s2, strict=True):
+        factor = 4 if a.client == "c0" else 1
+        assert b.segments[0][1] == a.segments[0][1] * factor and b.segments[1] == a.segments[1]
+    with pytest.raises(ValueError, match="heavy_doc_factor"):
+        TraceConfig(heavy_doc_factor=0)
+
+
+def test_scenarios_run_every_workload_and_client_count() -> None:
+    from radixfair.sim.scenarios import SCENARIOS, trace_configs
+
+    assert {"misbehave-s1", "misbehave-s2", "clients-scale", "quantum-sweep"} <= set(SCENARIOS)
+    for name in ("misbehave-s1", "misbehave-s2"):
+        assert [t.workload for t in trace_configs(get_scenario(name))] == ["docqa", "fewshot"]
+    assert get_scenario("misbehave-s2").trace.heavy_doc_factor == 4.0
+    scale = get_scenario("clients-scale")
+    cfgs = trace_configs(scale, workers=2)
+    assert [t.num_clients for t in cfgs] == [5, 10, 20, 50]
+    for t in cfgs:  # the total arrival rate is fixed (c0 counts heavy_factor shares), per worker
+        assert t.rate * (t.num_clients - 1 + t.heavy_factor) == pytest.approx(2 * (scale.total_rate or 0))
+    assert [t.workload for t in trace_configs(scale, workloads=["fewshot"])] == ["fewshot"] * 4
+
+
+def test_misbehave_s2_rows_per_workload_and_plot(tmp_path: Path) -> None:
+    from radixfair.bench.fairness_plot import plot_service_rates
+
+    scen = get_scenario("misbehave-s2")
+    scen = replace(scen, trace=replace(scen.trace, duration=4.0, num_clients=4), window=2.0)
+    rows = run_scenario(scen, load_profile("a100-llama3.1-8b"), ["fcfs", "vtc"])
+    assert [(r["workload"], r["policy"]) for r in rows] == [
+        ("docqa", "fcfs"), ("docqa", "vtc"), ("fewshot", "fcfs"), ("fewshot", "vtc")]
+    assert all(set(r) >= ROW_KEYS and r["heavy_doc_factor"] == 4.0 and r["clients"] == 4 for r in rows)
+    json.dumps(rows)
+    plot_service_rates(rows, str(tmp_path / "s2.png"))
+    assert (tmp_path / "s2.png").stat().st_size > 1000
+
+
+def test_clients_scale_rows_per_count_and_plot(tmp_path: Path) -> None:
+    from radixfair.bench.sim_bench import plot_client_scale
+
+    scen = get_scenario("clients-scale")
+    scen = replace(scen, trace=replace(scen.trace, duration=4.0, doc_len=(512, 768)), sim=SMALL_SIM,
+                   client_counts=(3, 12), total_rate=6.0, window=1.0)
+    rows = run_scenario(scen, load_profile("a100-llama3.1-8b"), ["lpm", "dlpm"])
+    assert [(r["clients"], r["policy"]) for r in rows] == [(3, "lpm"), (3, "dlpm"), (12, "lpm"), (12, "dlpm")]
+    assert all(set(r) >= ROW_KEYS and r["scenario"] == "clients-scale" for r in rows)
+    plot_client_scale(rows, str(tmp_path / "scale.png"))
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="total_rate"):
+        replace(scen, total_rate=None)
+
+
+def test_nonnegative_fit_recovers_a_cost_model() -> None:
+    from radixfair.bench.calibrate import PassSample, design_matrix, evaluate, fit_nonnegative, fit_profile
+
+    true = np.array([0.05, 1e-3, 2e-3, 2e-6])
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(60):
+        if rng.random() < 0.3:
+            p, kv = int(rng.integers(16, 512)), 0
+            kv = p + int(rng.integers(0, 256))
+            s = PassSample("prefill", p, 0, kv, 1, 0.0)
+        else:
+            b = int(rng.integers(1, 16))
+            s = PassSample("decode", 0, b, b * int(rng.integers(32, 600)), b, 0.0)
+        t = float(design_matrix([s])[0] @ true) * (1 + 0.01 * rng.standard_normal())
+        samples.append(replace(s, seconds=t))
+    coef = fit_nonnegative(design_matrix(samples), np.array([s.seconds for s in samples]))
+    assert coef == pytest.approx(true, rel=0.1)
+    r2, mre, per = evaluate(coef, samples)
+    assert r2 > 0.99 and mre < 0.02 and per["prefill"] is not None
+    # a term the data says is negative is dropped (held at 0), not fitted below zero
+    x = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    assert (fit_nonnegative(x, np.array([3.0, 2.0, 1.0])) >= 0).all()
+    model, q = fit_profile(samples, "synthetic", "synthetic passes")
+    assert q.n_test == 18 and q.r2 > 0.99 and "R^2" in model.source and model.a == pytest.approx(0.05, rel=0.1)
+
+
+def test_calibrate_on_a_tiny_model_and_sim_vs_real(tiny_llama: Path, tmp_path: Path) -> None:
+    from radixfair.bench.calibrate import sim_vs_real
+    from radixfair.cli import main
+    from radixfair.engine.engine import Engine
+
+    out, full = tmp_path / "p.json", tmp_path / "fit.json"
+    assert main(["bench", "calibrate", "--model", str(tiny_llama), "--device", "cpu", "--out", str(out),
+                 "--json", str(full)]) == 0
+    cm = load_profile(str(out))  # a profile the simulator takes as it is
+    assert cm.name.endswith("-calibrated") and "ModelRunner.run" in cm.source and "R^2" in cm.source
+    fit = json.loads(full.read_text())
+    assert fit["fit"]["n_test"] > 10 and len(fit["samples"]) == fit["fit"]["n_train"] + fit["fit"]["n_test"]
+    assert {s["mode"] for s in fit["samples"]} == {"prefill", "decode"}
+    trace = [TraceRecord(time=0.02 * i, client=f"c{i % 2}", output_len=4 + i % 3,
+                         segments=((f"doc/{i % 2}", 48), (f"q/{i}", 8)), rid=f"r{i}") for i in range(6)]
+    with Engine(model=str(tiny_llama), device="cpu", max_total_tokens=4096, max_running_requests=8) as engine:
+        check = sim_vs_real(engine, cm, trace)
+    for k in ("real_throughput", "sim_throughput", "real_mean_latency", "sim_mean_latency"):
+        assert check[k] > 0 and np.isfinite(check[k])
+    assert np.isfinite(check["throughput_rel_error"]) and np.isfinite(check["latency_rel_error"])

@@ -25,10 +25,13 @@ def plot_service_rates(rows: Sequence[dict[str, Any]], path: str) -> None:
         for client, service in row["timeline"]["service"].items():
             rates = [s / w for s, w in zip(service, widths, strict=True)]
             heavy = client == row["heavy_client"]
+            docs = row.get("heavy_doc_factor", 1.0)
+            tag = f"×{row['heavy_factor']:g}" if docs == 1.0 else f"×{row['heavy_factor']:g} rate, ×{docs:g} docs"
             ax.plot(mids, rates, marker="o", markersize=3, linewidth=2.2 if heavy else 1.1,
-                    linestyle="--" if heavy else "-", label=f"{client} (×{row['heavy_factor']:g})" if heavy else client)
+                    linestyle="--" if heavy else "-", label=f"{client} ({tag})" if heavy else client)
         jain = row["jain"]
-        ax.set_title(f"{row['policy']}: {row['throughput']:.0f} tok/s, hit {row['hit_rate']:.2f}, "
+        name = f"{row['policy']} ({row['workload']})" if len({r.get("workload") for r in rows}) > 1 else row["policy"]
+        ax.set_title(f"{name}: {row['throughput']:.0f} tok/s, hit {row['hit_rate']:.2f}, "
                      f"Jain {'n/a' if jain is None else f'{jain:.2f}'}", fontsize=10)
         ax.set_xlabel("time (s)")
         ax.grid(alpha=0.3)

@@ -18,13 +18,19 @@ def _f(x: float | None, fmt: str) -> str:
 
 def print_rows(rows: Sequence[dict[str, Any]], title: str) -> None:
     print_table(
-        ["policy", "tok/s", "req/s", "hit rate", "Jain", "max svc diff", "p99 e2e (s)", "makespan (s)",
-         "retractions"],
-        [[r["policy"], f"{r['throughput']:.0f}", f"{r['request_throughput']:.2f}", f"{r['hit_rate']:.3f}",
+        ["workload", "clients", "policy", "tok/s", "req/s", "hit rate", "Jain", "max svc diff", "p99 e2e (s)",
+         "makespan (s)", "retractions"],
+        [[r["workload"], str(r["clients"]), r["policy"], f"{r['throughput']:.0f}", f"{r['request_throughput']:.2f}", f"{r['hit_rate']:.3f}",
           _f(r["jain"], ".3f"), _f(r["max_service_diff"], ".0f"), _f(r["p99_latency"], ".1f"),
           f"{r['makespan']:.1f}", str(r["retractions"])] for r in rows],
         title=title, width=TABLE_WIDTH,
     )
+
+
+def _requests(rows: Sequence[dict[str, Any]]) -> str:
+    """Requests per trace: one number, or one per trace where the scenario runs several."""
+    per = {(r["workload"], r["clients"]): r["requests"] for r in rows}
+    return str(next(iter(per.values()))) if len(per) == 1 else "+".join(map(str, per.values()))
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -40,18 +46,55 @@ def main(ns: argparse.Namespace) -> int:
     cost = load_profile(ns.profile)
     trace = read_jsonl(ns.trace) if ns.trace else None
     t = time.perf_counter()
-    rows = run_scenario(scenario, cost, policies, workers=ns.workers, seed=ns.seed, trace=trace)
+    workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()] if ns.workloads else None
+    rows = run_scenario(scenario, cost, policies, workers=ns.workers, seed=ns.seed, trace=trace, workloads=workloads)
     wall = time.perf_counter() - t
     print_rows(rows, f"bench sim {scenario.name}: {scenario.description}; {ns.workers} worker(s), "
-                     f"cost model {cost.name}; {rows[0]['requests']} requests, {wall:.1f} s wall "
+                     f"cost model {cost.name}; {_requests(rows)} requests, {wall:.1f} s wall "
                      f"(Jain and service diff over the arrival period, {scenario.window:g} s windows)")
     write_json(ns.json, rows)
     if ns.plot:
-        from radixfair.bench.fairness_plot import plot_service_rates
+        if scenario.client_counts:
+            plot_client_scale(rows, ns.plot)
+        else:
+            from radixfair.bench.fairness_plot import plot_service_rates
 
-        plot_service_rates(rows, ns.plot)
+            plot_service_rates(rows, ns.plot)
         print(f"wrote {ns.plot}")
     return 0
+
+
+def plot_client_scale(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """clients-scale: Jain and throughput against the number of clients, a line per policy (and
+    workload), drawn from the JSON rows alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    multi = len({r["workload"] for r in rows}) > 1
+    for r in rows:
+        series.setdefault(f"{r['policy']} ({r['workload']})" if multi else r["policy"], []).append(r)
+    fig, (ax_j, ax_t) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["clients"])
+        xs = [r["clients"] for r in rs]
+        ax_j.plot(xs, [float("nan") if r["jain"] is None else r["jain"] for r in rs], marker="o", label=label)
+        ax_t.plot(xs, [r["throughput"] for r in rs], marker="o", label=label)
+    for ax, ylabel in ((ax_j, "Jain's index (service, arrival period)"), (ax_t, "throughput (tokens/s)")):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sorted({r["clients"] for r in rows}), [str(n) for n in sorted({r["clients"] for r in rows})])
+        ax.set_xlabel("clients (fixed total request rate)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['scenario']}: cost model {rows[0]['cost_model']}, {rows[0]['workers']} worker(s)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def add_parser(sub: Any) -> None:
@@ -65,6 +108,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="simulated workers, round-robin routing")
     p.add_argument("--profile", default="a100-llama3.1-8b",
                    help=f"cost model: {', '.join(available_profiles())} or a JSON path")
+    p.add_argument("--workloads", default=None,
+                   help="comma list of docqa,fewshot (default: the scenario's; misbehave-s1/s2 run both)")
     p.add_argument("--trace", default=None, help="JSONL trace to replay instead of the scenario's generated one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)

@@ -283,7 +283,11 @@ def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) 
         info = asdict(engine.args)
         info.update(model_path=engine.model_path, max_total_tokens=engine.max_total_tokens,
                     context_length=engine.context_len, device=str(engine.device), dtype=str(engine.dtype),
-                    version=_version(), auth=bool(keys), stats=engine.get_stats())
+                    vocab_size=engine.model_config.vocab_size, version=_version(), auth=bool(keys),
+                    stats=engine.get_stats())
+        # the arguments the engine was started with, as `Engine(**engine_args)` takes them (e.g. for
+        # `radixfair bench serve` to build the same engine in-process); the keys above are resolved values
+        info["engine_args"] = asdict(engine.args)
         return info
 
     @app.get("/metrics")

@@ -45,11 +45,7 @@ class CostModel:
                 + self.e_kv_token * kv_tokens_read)
 
     def batch_time(self, batch: ScheduledBatch) -> float:
-        # seq_lens = prefix + extend: every token each request's attention reads this pass
-        kv = int(batch.seq_lens.sum())
-        if batch.mode is BatchMode.PREFILL:
-            return self.time(batch.num_tokens, 0, kv)
-        return self.time(0, len(batch.reqs), kv)
+        return self.time(*batch_features(batch))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
@@ -67,6 +63,16 @@ class CostModel:
     def load(cls, path: str | Path) -> CostModel:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def batch_features(batch: ScheduledBatch) -> tuple[int, int, int]:
+    """(prefill_tokens, decode_reqs, kv_tokens_read) of a pass: what the cost model charges, and what
+    `bench calibrate` regresses measured pass times on."""
+    # seq_lens = prefix + extend: every token each request's attention reads this pass
+    kv = int(batch.seq_lens.sum())
+    if batch.mode is BatchMode.PREFILL:
+        return batch.num_tokens, 0, kv
+    return 0, len(batch.reqs), kv
 
 
 def available_profiles() -> list[str]:

@@ -23,6 +23,17 @@ class Scenario:
     trace: TraceConfig
     sim: SimConfig
     window: float  # seconds per service window of the fairness report
+    workloads: tuple[str, ...] = ()  # run once per workload on the same settings; () -> (trace.workload,)
+    # clients-scale: one trace per client count, every one at `total_rate` requests/s per worker in all
+    # (client c0 counts `heavy_factor` shares of it)
+    client_counts: tuple[int, ...] = ()
+    total_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_counts and (self.total_rate is None or self.total_rate <= 0):
+            raise ValueError(f"scenario {self.name!r}: client_counts needs a total_rate > 0")
+        if any(n < 1 for n in self.client_counts):
+            raise ValueError(f"scenario {self.name!r}: client counts must be >= 1")
 
 
 # S1 on long-document QA: 8 clients with 2 documents of 2-3k tokens each, client c0 at 4x the rate.
@@ -36,12 +47,43 @@ _S1 = Scenario(
                       docs_per_client=2),
     sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
     window=5.0,
+    workloads=("docqa", "fewshot"),
+)
+
+# S2: every client at the same request rate, but c0's documents (few-shot templates) are 4x longer, so
+# per request it asks for ~4x the prefill work; fair policies should give it the others' share of
+# service, not 4x. Documents of 1-1.5k tokens (c0: 4-6k) keep the same pool as S1 meaningful.
+_S2 = Scenario(
+    name="misbehave-s2",
+    description="long-document QA, 8 clients at equal rates, c0's documents 4x longer (S2)",
+    trace=TraceConfig(workload="docqa", num_clients=8, duration=60.0, rate=3.0, heavy_doc_factor=4.0,
+                      docs_per_client=2, doc_len=(1024, 1536)),
+    sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
+    window=5.0,
+    workloads=("docqa", "fewshot"),
+)
+
+# 5 -> 50 clients sharing one fixed arrival rate (c0 still at 4x a client's share): as the clients
+# multiply, their documents stop fitting in the pool together, locality thins out, and a fair policy
+# has more backlogged clients to balance.
+_SCALE = Scenario(
+    name="clients-scale",
+    description="long-document QA, 5 to 50 clients at a fixed total rate, c0 at 4x a client's share",
+    trace=TraceConfig(workload="docqa", num_clients=8, duration=30.0, rate=1.0, heavy_factor=4.0,
+                      docs_per_client=2),
+    sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
+    window=5.0,
+    client_counts=(5, 10, 20, 50),
+    total_rate=16.0,
 )
 
 SCENARIOS: dict[str, Scenario] = {
     "misbehave-s1": _S1,
+    "misbehave-s2": _S2,
+    "clients-scale": _SCALE,
     # the same trace, DLPM's quantum against LPM and VTC (the locality/fairness trade-off)
-    "quantum-sweep": replace(_S1, name="quantum-sweep", description="misbehave-s1 with DLPM at several quanta"),
+    "quantum-sweep": replace(_S1, name="quantum-sweep", description="misbehave-s1 with DLPM at several quanta",
+                             workloads=()),
 }
 
 
@@ -60,21 +102,45 @@ def variants(scenario: Scenario, policies: Sequence[str]) -> list[tuple[str, Sim
     return [(p, replace(scenario.sim, policy=p)) for p in policies]
 
 
-def run_scenario(scenario: Scenario, cost_model: CostModel, policies: Sequence[str] = DEFAULT_POLICIES,
-                 workers: int = 1, seed: int = 0, trace: Sequence[TraceRecord] | None = None) -> list[dict[str, Any]]:
-    """One JSON row per policy (variant), every one on the same trace."""
-    tcfg = replace(scenario.trace, seed=seed)
+def trace_configs(scenario: Scenario, workers: int = 1, seed: int = 0,
+                  workloads: Sequence[str] | None = None) -> list[TraceConfig]:
+    """The scenario's traces: one per workload (and, for clients-scale, per client count)."""
     # more workers serve proportionally more load, so each stays as loaded as the single one
-    tcfg = replace(tcfg, rate=tcfg.rate * workers)
-    records = list(trace) if trace is not None else generate(tcfg)
+    base = replace(scenario.trace, seed=seed, rate=scenario.trace.rate * workers)
+    out = []
+    for wl in tuple(workloads or ()) or scenario.workloads or (base.workload,):
+        if not scenario.client_counts:
+            out.append(replace(base, workload=wl))
+            continue
+        assert scenario.total_rate is not None
+        for n in scenario.client_counts:
+            per_client = scenario.total_rate * workers / (n - 1 + base.heavy_factor)
+            out.append(replace(base, workload=wl, num_clients=n, rate=per_client))
+    return out
+
+
+def run_scenario(scenario: Scenario, cost_model: CostModel, policies: Sequence[str] = DEFAULT_POLICIES,
+                 workers: int = 1, seed: int = 0, trace: Sequence[TraceRecord] | None = None,
+                 workloads: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One JSON row per policy (variant) and trace, every policy on the same trace. A given `trace`
+    replaces the generated ones (it is run once, labelled with the scenario's first workload)."""
+    tcfgs = trace_configs(scenario, workers, seed, workloads)
     rows = []
-    for label, cfg in variants(scenario, policies):
-        result = Simulator(records, cost_model, replace(cfg, num_workers=workers, seed=seed)).run()
-        rows.append(summarize(scenario, label, result, heavy_factor=tcfg.heavy_factor))
+    for tcfg in tcfgs[:1] if trace is not None else tcfgs:
+        records = list(trace) if trace is not None else generate(tcfg)
+        for label, cfg in variants(scenario, policies):
+            result = Simulator(records, cost_model, replace(cfg, num_workers=workers, seed=seed)).run()
+            rows.append(summarize(scenario, label, result, heavy_factor=tcfg.heavy_factor, workload=tcfg.workload,
+                                  heavy_doc_factor=tcfg.heavy_doc_factor,
+                                  num_clients=None if trace is not None else tcfg.num_clients))
     return rows
 
 
-def summarize(scenario: Scenario, label: str, result: SimResult, heavy_factor: float = 1.0) -> dict[str, Any]:
+def summarize(scenario: Scenario, label: str, result: SimResult, heavy_factor: float = 1.0,
+              workload: str | None = None, heavy_doc_factor: float = 1.0,
+              num_clients: int | None = None) -> dict[str, Any]:
+    """`num_clients`: the clients of the generated trace (some may have sent nothing in a short one);
+    None: the clients the records name."""
     rep = result.report(window=scenario.window)
     done = [r for r in result.records if r.finish is not None]
     tokens = sum(r.prompt_tokens + r.output_tokens for r in done)
@@ -83,7 +149,8 @@ def summarize(scenario: Scenario, label: str, result: SimResult, heavy_factor: f
     return {
         "scenario": scenario.name,
         "policy": label,
-        "workload": scenario.trace.workload,
+        "workload": workload or scenario.trace.workload,
+        "clients": num_clients if num_clients is not None else len(clients),
         "throughput": tokens / span,  # prompt + output tokens per virtual second, until drained
         "jain": _num(rep.jain),
         "max_service_diff": _num(rep.service_difference.max),
@@ -99,6 +166,7 @@ def summarize(scenario: Scenario, label: str, result: SimResult, heavy_factor: f
         "retractions": sum(w["retractions"] for w in result.workers),
         "heavy_client": clients[0] if clients else "",
         "heavy_factor": heavy_factor,
+        "heavy_doc_factor": heavy_doc_factor,
         # for the plot (same shape as bench fairness rows)
         "timeline": {"edges": rep.windows.edges.tolist(),
                      "service": {c: rep.windows.service[:, j].tolist() for j, c in enumerate(clients)}},

@@ -108,6 +108,7 @@ class TraceConfig:
     duration: float = 60.0  # seconds of arrivals
     rate: float = 1.0  # requests/s of each well-behaved client (Poisson)
     heavy_factor: float = 1.0  # S1: client 0 sends at this multiple of the rate
+    heavy_doc_factor: float = 1.0  # S2: client 0's documents (templates) are this many times longer
     docs_per_client: int = 2  # docqa: documents each client asks about
     doc_len: tuple[int, int] = (2048, 3072)  # docqa document / fewshot template tokens, inclusive
     question_len: tuple[int, int] = (16, 48)
@@ -117,8 +118,9 @@ class TraceConfig:
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(WORKLOADS)}")
-        if self.num_clients < 1 or self.duration <= 0 or self.rate <= 0 or self.heavy_factor <= 0:
-            raise ValueError("num_clients, duration, rate and heavy_factor must be positive")
+        if (self.num_clients < 1 or self.duration <= 0 or self.rate <= 0 or self.heavy_factor <= 0
+                or self.heavy_doc_factor <= 0):
+            raise ValueError("num_clients, duration, rate, heavy_factor and heavy_doc_factor must be positive")
         for name in ("doc_len", "question_len", "output_len"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
@@ -134,7 +136,8 @@ def client_names(n: int) -> tuple[str, ...]:
 
 
 def generate(cfg: TraceConfig) -> list[TraceRecord]:
-    """Open-loop Poisson arrivals per client; client c0 at `heavy_factor` x the rate (S1).
+    """Open-loop Poisson arrivals per client; client c0 at `heavy_factor` x the rate (S1) and with
+    documents `heavy_doc_factor` x as long (S2).
 
     docqa: each client owns `docs_per_client` documents and every request is one of them + a fresh
     question, so a client's requests share long prefixes and clients share nothing (LooGLE-like).
@@ -146,6 +149,8 @@ def generate(cfg: TraceConfig) -> list[TraceRecord]:
         rng = np.random.default_rng([cfg.seed, i])
         docs = 1 if cfg.workload == "fewshot" else cfg.docs_per_client
         doc_lens = [_draw(rng, cfg.doc_len) for _ in range(docs)]
+        if i == 0 and cfg.heavy_doc_factor != 1.0:
+            doc_lens = [max(1, round(n * cfg.heavy_doc_factor)) for n in doc_lens]
         rate = cfg.rate * (cfg.heavy_factor if i == 0 else 1.0)
         t = float(rng.exponential(1.0 / rate))
         k = 0
