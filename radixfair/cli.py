@@ -142,7 +142,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly while the model loads
     try:
         with Engine(**kw) as engine:
-            app = create_app(engine, keys)
+            app = create_app(engine, keys, ns.max_body_bytes)
             config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level.lower(),
                                     timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     auth.add_argument("--api-keys", default=None, metavar="FILE",
                       help='JSON {"KEY": {"client": "alice", "weight": 2}}: per-key client identity')
+    s.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help="larger request bodies are refused with 413 (default: %(default)s)")
     add_engine_args(s)
     s.set_defaults(func=_cmd_serve)
 

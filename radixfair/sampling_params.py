@@ -72,7 +72,8 @@ class SamplingParams:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
 
         check(is_int(self.max_new_tokens), "max_new_tokens", "must be an integer")
-        check(0 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, "max_new_tokens", "must be >= 0")
+        check(0 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT, "max_new_tokens",
+              f"must be in [0, {MAX_NEW_TOKENS_LIMIT}]")
         check(is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens", "must be an int >= 0")
         check(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "must be <= max_new_tokens")
         check(is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")

@@ -171,7 +171,7 @@ def test_flush_cache_refused_while_busy(http: httpx.Client, engine: Engine) -> N
 # ---- OpenAI API --------------------------------------------------------------------------------------
 def test_openai_chat(oai: openai.OpenAI, engine: Engine) -> None:
     msgs = [{"role": "user", "content": "Hi there"}]
-    c = oai.chat.completions.create(model="x", messages=msgs, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    c = oai.chat.completions.create(model=engine.model_path, messages=msgs, max_tokens=5, temperature=0)  # type: ignore[arg-type]
     text = engine.tokenizer.apply_chat_template(msgs)
     direct = engine.generate(text, {"max_new_tokens": 5, "temperature": 0})
     assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
@@ -183,9 +183,9 @@ def test_openai_chat(oai: openai.OpenAI, engine: Engine) -> None:
     assert c.usage.prompt_tokens_details is not None and c.usage.prompt_tokens_details.cached_tokens is not None
 
 
-def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI) -> None:
+def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI, engine: Engine) -> None:
     stream = oai.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "count"}], max_completion_tokens=4,
+        model=engine.model_path, messages=[{"role": "user", "content": "count"}], max_completion_tokens=4,
         temperature=0.8, seed=1, n=2, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
@@ -202,32 +202,32 @@ def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI) -> None:
                 finish[ch.index] = ch.finish_reason
     assert finish == {0: "length", 1: "length"}
     assert usage is not None and usage.completion_tokens == 8
-    c = oai.chat.completions.create(model="x", messages=[{"role": "user", "content": "lp"}], max_tokens=3,
+    c = oai.chat.completions.create(model=engine.model_path, messages=[{"role": "user", "content": "lp"}], max_tokens=3,
                                     temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == c.usage.completion_tokens  # type: ignore[union-attr]
     assert all(len(t.top_logprobs) == 2 for t in content)
 
 
-def test_openai_completions(oai: openai.OpenAI) -> None:
-    c = oai.completions.create(model="x", prompt="The", max_tokens=4, temperature=0, n=3, seed=3, logprobs=1)
+def test_openai_completions(oai: openai.OpenAI, engine: Engine) -> None:
+    c = oai.completions.create(model=engine.model_path, prompt="The", max_tokens=4, temperature=0, n=3, seed=3, logprobs=1)
     assert c.object == "text_completion" and [ch.index for ch in c.choices] == [0, 1, 2]
     assert c.usage is not None and c.usage.completion_tokens == sum(
         len(ch.logprobs.tokens or []) for ch in c.choices)  # type: ignore[union-attr]
     assert c.choices[0].text == c.choices[1].text  # greedy: the same sample n times
-    s = oai.completions.create(model="x", prompt=[[5, 6, 7]], max_tokens=3, temperature=0, stream=True,
+    s = oai.completions.create(model=engine.model_path, prompt=[[5, 6, 7]], max_tokens=3, temperature=0, stream=True,
                                extra_body={"ignore_eos": True})
     chunks = list(s)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(ch.object == "text_completion" for ch in chunks)
 
 
-def test_openai_stop(oai: openai.OpenAI) -> None:
-    c = oai.completions.create(model="x", prompt="abc", max_tokens=12, temperature=0)
+def test_openai_stop(oai: openai.OpenAI, engine: Engine) -> None:
+    c = oai.completions.create(model=engine.model_path, prompt="abc", max_tokens=12, temperature=0)
     full = c.choices[0].text
     if len(full) >= 3:
         stop = full[1:3]
-        c2 = oai.completions.create(model="x", prompt="abc", max_tokens=12, temperature=0, stop=[stop])
+        c2 = oai.completions.create(model=engine.model_path, prompt="abc", max_tokens=12, temperature=0, stop=[stop])
         assert c2.choices[0].finish_reason == "stop" and stop not in c2.choices[0].text
 
 
@@ -246,6 +246,15 @@ def test_openai_stop(oai: openai.OpenAI) -> None:
     ("/generate", {"input_ids": [10**9]}, None),
     ("/generate", {"sampling_params": {}}, None),
     ("/generate", {"text": "x", "top_logprobs_num": 99}, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, "max_tokens"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 10**9}}, "max_new_tokens"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ["ok", 5]}, "stop"),
+    ("/generate", {"text": "x", "sampling_params": {"stop": 5}}, "stop"),
+    ("/generate", {"text": "x", "sampling_params": {"stop": ["ok", None]}}, "stop"),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, "n"),
+    ("/generate", {"text": "x", "sampling_params": {"n": 1000}}, "n"),
 ])
 def test_bad_input_is_4xx(http: httpx.Client, path: str, body: dict[str, Any], param: str | None) -> None:
     r = http.post(path, json=body)
@@ -269,7 +278,7 @@ def test_malformed_json(http: httpx.Client) -> None:
 
 
 # ---- auth and client identity --------------------------------------------------------------------------
-def test_auth(auth_server: LiveServer) -> None:
+def test_auth(auth_server: LiveServer, engine: Engine) -> None:
     with httpx.Client(base_url=auth_server.url, timeout=30) as c:
         assert c.get("/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-alice"}):
@@ -283,10 +292,10 @@ def test_auth(auth_server: LiveServer) -> None:
         assert c.get("/get_model_info", headers=ok).status_code == 200
         assert c.post("/generate", json={"text": "x", "sampling_params": GREEDY}, headers=ok).status_code == 200
     client = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-alice", max_retries=0, timeout=30)
-    assert client.completions.create(model="x", prompt="hi", max_tokens=2).choices
+    assert client.completions.create(model=engine.model_path, prompt="hi", max_tokens=2).choices
     bad = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-nope", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
-        bad.completions.create(model="x", prompt="hi", max_tokens=2)
+        bad.completions.create(model=engine.model_path, prompt="hi", max_tokens=2)
 
 
 def _clients_seen(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -412,12 +421,121 @@ def test_serve_command_starts_and_stops(tiny_llama: Path) -> None:
             proc.wait(timeout=10)
 
 
-def test_metrics(http: httpx.Client) -> None:
-    r = http.post("/generate", json={"text": "m", "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}},
-                  headers={"X-Client-Id": "metered"})
-    assert r.status_code == 200
+def scrape(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics parsed with prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     m = http.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    assert "radixfair_kv_pool_slots 4096.0" in m.text
-    assert 'radixfair_client_output_tokens_total{client="metered"} 2.0' in m.text
-    assert 'radixfair_requests_total{client="metered",finish_reason="length"} 1.0' in m.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(m.text) for s in fam.samples}
+
+
+def test_metrics(http: httpx.Client, engine: Engine) -> None:
+    client = (("client", "metered"),)
+    body = {"text": "metered prompt", "sampling_params": {"max_new_tokens": 2, "ignore_eos": True}}
+    http.post("/generate", json=body, headers={"X-Client-Id": "metered"})  # the prompt is now cached
+    before = scrape(http)
+    r = http.post("/generate", json=body, headers={"X-Client-Id": "metered"})
+    assert r.status_code == 200
+    meta = r.json()["meta_info"]
+    after = scrape(http)
+
+    def moved(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert after[("radixfair_kv_pool_slots", ())] == 4096
+    assert moved("radixfair_requests_total", (("client", "metered"), ("finish_reason", "length"))) == 1
+    assert moved("radixfair_client_output_tokens_total", client) == 2
+    assert moved("radixfair_client_prompt_tokens_total", client) == meta["prompt_tokens"]
+    assert meta["cached_tokens"] > 0
+    assert moved("radixfair_client_cached_tokens_total", client) == meta["cached_tokens"]
+    w_in, w_out = engine.args.w_in, engine.args.w_out
+    assert moved("radixfair_client_service_total", client) == pytest.approx(
+        w_in * (meta["prompt_tokens"] - meta["cached_tokens"]) + w_out * 2)
+    for hist in ("radixfair_time_to_first_token_seconds", "radixfair_e2e_request_latency_seconds"):
+        assert moved(hist + "_count") == 1 and moved(hist + "_sum") > 0
+        assert after[(hist + "_bucket", (("le", "+Inf"),))] == after[(hist + "_count", ())]
+    assert moved("radixfair_e2e_request_latency_seconds_sum") == pytest.approx(meta["e2e_latency"])
+
+
+def test_prompt_longer_than_context(http: httpx.Client, engine: Engine) -> None:
+    ids = [5] * (engine.context_len + 1)
+    for path, body in (("/generate", {"input_ids": ids}), ("/v1/completions", {"prompt": ids, "max_tokens": 1})):
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert "prompt" in r.json()["error"]["message"] and "context" in r.json()["error"]["message"]
+    assert http.get("/health_generate").status_code == 200
+
+
+def test_unknown_model_is_404(http: httpx.Client, oai: openai.OpenAI, engine: Engine) -> None:
+    served = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert served == [engine.model_path]
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 1}), ("/v1/chat/completions", chat)):
+        r = http.post(path, json={**body, "model": "gpt-nope"})
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["code"] == "model_not_found"
+        assert err["param"] == "model" and "gpt-nope" in err["message"]
+        assert http.post(path, json=body).status_code == 200  # no model field: the served one
+        assert http.post(path, json={**body, "model": served[0]}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="x", prompt="hi", max_tokens=1)
+    assert http.get("/health_generate").status_code == 200
+
+
+def test_oversized_body_is_413(engine: Engine) -> None:
+    srv = LiveServer(create_app(engine, max_body_bytes=1000))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            big = {"text": "x" * 2000, "sampling_params": {"max_new_tokens": 1}}
+            r = c.post("/generate", json=big)  # Content-Length says it
+            assert r.status_code == 413 and "limit" in r.json()["error"]["message"], r.text
+
+            def chunks() -> Iterator[bytes]:  # chunked: no Content-Length, caught as it streams in
+                data = json.dumps(big).encode()
+                for i in range(0, len(data), 300):
+                    yield data[i:i + 300]
+
+            r = c.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text
+            ok = c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+            assert ok.status_code == 200, ok.text
+            small = json.dumps({"text": "x", "sampling_params": {"max_new_tokens": 1}}).encode()
+            r = c.post("/generate", content=iter([small[:10], small[10:]]),
+                       headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text  # a chunked body under the limit is reassembled
+            assert c.get("/health_generate").status_code == 200
+    finally:
+        srv.stop()
+    assert_clean(engine)
+
+
+def test_generate_text_in_logprobs(http: httpx.Client, engine: Engine) -> None:
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
+    plain = http.post("/generate", json=body).json()["meta_info"]
+    assert all(e[2] is None for e in plain["output_token_logprobs"])
+    r = http.post("/generate", json={**body, "return_text_in_logprobs": True})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]
+
+    def text(i: int) -> str:
+        return engine.tokenizer.decode([i], skip_special_tokens=False)
+
+    for key in ("input_token_logprobs", "output_token_logprobs"):
+        assert meta[key] and all(e[2] == text(e[1]) for e in meta[key])
+        assert [e[:2] for e in meta[key]] == [e[:2] for e in plain[key]]
+    for key in ("input_top_logprobs", "output_top_logprobs"):
+        tops = [t for t in meta[key] if t]
+        assert tops and all(e[2] == text(e[1]) for top in tops for e in top)
+    lps = [e[0] for e in meta["input_token_logprobs"] if e[0] is not None]
+    assert lps and meta["normalized_prompt_logprob"] == pytest.approx(sum(lps) / len(lps))
+    assert plain["normalized_prompt_logprob"] == pytest.approx(meta["normalized_prompt_logprob"])
+    assert "normalized_prompt_logprob" not in http.post(
+        "/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1}}).json()["meta_info"]
+    with http.stream("POST", "/generate", json={**body, "return_text_in_logprobs": True, "stream": True}) as s:
+        events = sse_events(s.iter_lines())
+    last = events[-1]["meta_info"]
+    assert all(e[2] == text(e[1]) for e in last["output_token_logprobs"])

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixfair.engine.engine import Engine
 from radixfair.sched.request import Req
@@ -35,6 +36,7 @@ CLIENT_HEADERS = ("x-client-id", "x-gateway-inference-fairness-id")
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
 DEFAULT_CLIENT = "default"
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,13 @@ class APIError(Exception):
     """A client error with OpenAI's error shape."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+                 type_: str = "invalid_request_error", code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.type = type_
+        self.code = code
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -63,7 +66,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.type, e.param, e.status), status_code=e.status)
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code or e.status), status_code=e.status)
 
 
 def param_of(message: str, default: str | None = None) -> str | None:
@@ -81,9 +84,27 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def public(out: dict[str, Any]) -> dict[str, Any]:
-    """A result dict as the native API returns it: the engine's internal keys dropped."""
-    return {k: v for k, v in out.items() if k not in ("finished", "index")}
+def public(out: dict[str, Any], token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """A result dict as the native API returns it: the engine's internal keys dropped; with
+    `token_text`, each logprob entry's third element is its token's text (`return_text_in_logprobs`)."""
+    res = {k: v for k, v in out.items() if k not in ("finished", "index")}
+    meta = res.get("meta_info")
+    if not meta or "input_token_logprobs" not in meta:
+        return res
+    meta = res["meta_info"] = dict(meta)
+    # SGLang: the mean over the prompt positions that have a logprob (the first one has none)
+    lps = [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None]
+    if lps:
+        meta["normalized_prompt_logprob"] = sum(lps) / len(lps)
+    if token_text is not None:
+        def entry(e: Any) -> tuple[Any, int, str]:
+            return (e[0], e[1], token_text(e[1]))
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            meta[key] = [entry(e) for e in meta[key]]
+        for key in ("input_top_logprobs", "output_top_logprobs"):
+            if key in meta:
+                meta[key] = [None if top is None else [entry(e) for e in top] for top in meta[key]]
+    return res
 
 
 async def merge_streams(engine: Engine, reqs: list[Req]) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
@@ -154,7 +175,7 @@ _METRICS: weakref.WeakKeyDictionary[Engine, ServerMetrics] = weakref.WeakKeyDict
 
 def metrics_for(engine: Engine) -> ServerMetrics:
     if engine not in _METRICS:
-        _METRICS[engine] = ServerMetrics()
+        _METRICS[engine] = ServerMetrics(engine.args.w_in, engine.args.w_out)
     return _METRICS[engine]
 
 
@@ -173,11 +194,67 @@ def engine_error(out: dict[str, Any]) -> str | None:
     return None
 
 
-def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` (by Content-Length, or as it streams in) is a
+    413. The body is read before the app runs (every body here is one JSON document), then replayed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        too_big = length.isdigit() and int(length) > self.max_bytes
+        chunks: list[bytes] = []
+        size, more = 0, not too_big
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left before sending its body
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            too_big = size > self.max_bytes
+            if too_big:
+                break
+        if too_big:
+            body = error_body(f"the request body is larger than the server's limit of {self.max_bytes} bytes",
+                              code=413)
+            await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # e.g. http.disconnect, for `request.is_disconnected()`
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="radixfair", version=_version())
     keys = dict(api_keys or {})
     metrics = metrics_for(engine)
     model_name = engine.model_path
+    token_texts: dict[int, str] = {}  # bounded by the vocabulary
+
+    def token_text(tid: int) -> str:
+        if tid not in token_texts:
+            token_texts[tid] = engine.tokenizer.decode([tid], skip_special_tokens=False)
+        return token_texts[tid]
+
+    def check_model(model: str | None) -> None:
+        """OpenAI's `model` must be an id `/v1/models` lists (or left out)."""
+        if model is not None and model != model_name:
+            raise APIError(f"model: '{model}' is not served here; /v1/models lists '{model_name}'",
+                           status=404, param="model", code="model_not_found")
 
     # ---- errors: OpenAI's shape everywhere, 4xx for anything the client got wrong --------------
     @app.exception_handler(APIError)
@@ -236,6 +313,8 @@ def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) 
                 )
             request.state.key_client = client
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # outermost: before auth and parsing
 
     def client_of(request: Request, user: str | None = None) -> str:
         """An API key's client wins (a caller cannot claim to be someone else), then the headers,
@@ -324,20 +403,21 @@ def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) 
                     top_logprobs_num=body.top_logprobs_num, client_id=client_of(request), rid=body.rid)
         single = isinstance(body.text, str) or (
             body.input_ids is not None and bool(body.input_ids) and isinstance(body.input_ids[0], int))
+        text_fn = token_text if body.return_text_in_logprobs else None
         if body.stream:
-            return StreamingResponse(_native_stream(reqs), media_type="text/event-stream")
+            return StreamingResponse(_native_stream(reqs, text_fn), media_type="text/event-stream")
         outs = await collect(engine, reqs, request)
         for out in outs:
             msg = engine_error(out)
             if msg:
                 raise APIError(msg, param=param_of(msg, "rid" if "request id" in msg else None))
-        results = [public(o) for o in outs]
+        results = [public(o, text_fn) for o in outs]
         return JSONResponse(results[0] if single and len(results) == 1 else results)
 
-    async def _native_stream(reqs: list[Req]) -> AsyncIterator[bytes]:
+    async def _native_stream(reqs: list[Req], text_fn: Callable[[int], str] | None) -> AsyncIterator[bytes]:
         async with aclosing(merge_streams(engine, reqs)) as stream:
             async for i, out in stream:
-                chunk = public(out)
+                chunk = public(out, text_fn)
                 if len(reqs) > 1:
                     chunk["index"] = i  # SGLang tags batch-stream chunks with the prompt's index
                 yield sse(chunk)
@@ -353,6 +433,7 @@ def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
         if body.echo:
             raise APIError("echo is not supported", param="echo")
         if body.logprobs is not None and not 0 <= body.logprobs <= 20:
@@ -367,6 +448,7 @@ def create_app(engine: Engine, api_keys: dict[str, ServerClient] | None = None) 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise APIError(f"top_logprobs: must be in [0, 20] (got {body.top_logprobs})", param="top_logprobs")
         try:

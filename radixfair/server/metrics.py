@@ -1,10 +1,12 @@
-"""Prometheus metrics for one app: engine gauges read at scrape time, per-client counters."""
+"""Prometheus metrics for one engine: engine gauges read at scrape time, latency histograms and
+per-client counters (requests, tokens, and the service the fair policies charge: w_in per uncached
+prompt token plus w_out per output token)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from radixfair.engine.engine import Engine
 
@@ -23,8 +25,15 @@ _GAUGES = {
 }
 
 
+# seconds; SGLang's buckets for time to first token and end-to-end latency, trimmed
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 15.0, 20.0, 30.0, 60.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, w_in: float = 1.0, w_out: float = 2.0) -> None:
+        self.w_in, self.w_out = w_in, w_out
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(name, doc, registry=self.registry) for k, (name, doc) in _GAUGES.items()}
         self.requests = Counter("radixfair_requests", "finished requests", ["client", "finish_reason"],
@@ -33,14 +42,31 @@ class ServerMetrics:
                                      registry=self.registry)
         self.output_tokens = Counter("radixfair_client_output_tokens", "generated tokens per client",
                                      ["client"], registry=self.registry)
+        self.cached_tokens = Counter("radixfair_client_cached_tokens", "prompt tokens served from the cache, per client",
+                                     ["client"], registry=self.registry)
+        self.service = Counter("radixfair_client_service",
+                               "service charged per client: w_in * uncached prompt tokens + w_out * output tokens",
+                               ["client"], registry=self.registry)
+        self.ttft = Histogram("radixfair_time_to_first_token_seconds", "time to first token",
+                              buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("radixfair_e2e_request_latency_seconds", "end-to-end request latency",
+                             buckets=_E2E_BUCKETS, registry=self.registry)
 
     def observe(self, client: str, out: dict[str, Any]) -> None:
         """Count one finished request's output dict."""
         meta = out.get("meta_info", {})
         fr = (meta.get("finish_reason") or {}).get("type", "unknown")
         self.requests.labels(client, fr).inc()
-        self.prompt_tokens.labels(client).inc(meta.get("prompt_tokens", 0))
-        self.output_tokens.labels(client).inc(meta.get("completion_tokens", 0))
+        prompt, cached = meta.get("prompt_tokens", 0), meta.get("cached_tokens", 0)
+        output = meta.get("completion_tokens", 0)
+        self.prompt_tokens.labels(client).inc(prompt)
+        self.output_tokens.labels(client).inc(output)
+        self.cached_tokens.labels(client).inc(cached)
+        self.service.labels(client).inc(self.w_in * max(prompt - cached, 0) + self.w_out * output)
+        if meta.get("ttft") is not None:
+            self.ttft.observe(meta["ttft"])
+        if meta.get("e2e_latency") is not None:
+            self.e2e.observe(meta["e2e_latency"])
 
     def render(self, engine: Engine) -> bytes:
         # blocking (waits on the scheduler thread): call from a threadpool handler

@@ -27,6 +27,7 @@ class GenerateRequest(_Body):
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
 
 
