@@ -43,10 +43,13 @@ class SamplingParams:
         if not isinstance(d, dict):
             raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        # SGLang's frontend sends every field it knows, unset ones as null or empty (regex,
+        # json_schema, stop_regex=[]): those ask for nothing, so only fields with a value must be known
+        d = {k: v for k, v in d.items() if v is not None and not (isinstance(v, (list, dict)) and not v)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if v is not None})
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -392,3 +392,15 @@ def test_boundary_values_are_accepted() -> None:
     SamplingParams.from_dict({"max_new_tokens": 0, "top_p": 1, "top_k": -1, "min_p": 1, "temperature": 0,
                               "frequency_penalty": -2, "presence_penalty": 2, "repetition_penalty": 2,
                               "seed": 0, "stop_token_ids": [0], "n": 128})
+
+
+def test_sglang_frontend_null_and_empty_fields_are_accepted() -> None:
+    """sglang.RuntimeEndpoint sends every field it knows; unset ones arrive as null or []."""
+    from radixfair.sampling_params import SamplingParams
+
+    sp = SamplingParams.from_dict(
+        {"max_new_tokens": 4, "regex": None, "json_schema": None, "stop_regex": [], "stop": None}
+    )
+    assert sp.max_new_tokens == 4 and sp.stop == []
+    with pytest.raises(ValueError, match="stop_regex"):
+        SamplingParams.from_dict({"stop_regex": ["x+"]})
