@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -266,10 +267,86 @@ def test_calibrate_on_a_tiny_model_and_sim_vs_real(tiny_llama: Path, tmp_path: P
     fit = json.loads(full.read_text())
     assert fit["fit"]["n_test"] > 10 and len(fit["samples"]) == fit["fit"]["n_train"] + fit["fit"]["n_test"]
     assert {s["mode"] for s in fit["samples"]} == {"prefill", "decode"}
-    trace = [TraceRecord(time=0.02 * i, client=f"c{i % 2}", output_len=4 + i % 3,
+    # a near-burst (2 ms apart), so the makespan is the engine's work, not the arrival span
+    trace = [TraceRecord(time=0.002 * i, client=f"c{i % 2}", output_len=4 + i % 3,
                          segments=((f"doc/{i % 2}", 48), (f"q/{i}", 8)), rid=f"r{i}") for i in range(6)]
     with Engine(model=str(tiny_llama), device="cpu", max_total_tokens=4096, max_running_requests=8) as engine:
         check = sim_vs_real(engine, cm, trace)
     for k in ("real_throughput", "sim_throughput", "real_mean_latency", "sim_mean_latency"):
         assert check[k] > 0 and np.isfinite(check[k])
     assert np.isfinite(check["throughput_rel_error"]) and np.isfinite(check["latency_rel_error"])
+    # Stated tolerance: with the profile calibrated just above on this model and machine, the simulated
+    # throughput is within 50% of the real one. Measured errors on the 2-core CPU were -8% to -19%; the
+    # bound is generous because the real side is ~0.1 s of wall time on a shared, noisy CPU (a scheduler
+    # hiccup or a busy neighbour moves it by tens of percent), not because the model is that far off.
+    assert abs(check["throughput_rel_error"]) <= 0.5, check
+
+
+# ---- tree-of-thought, LLM-as-a-judge, multi-turn chat, Gamma arrivals ----------------------------
+
+NEW = replace(SMALL, duration=20.0, num_clients=3)
+
+
+def test_tot_branches_share_the_problem_prefix_and_extend_their_branch() -> None:
+    trace = generate(replace(NEW, workload="tot", tot_branches=2))
+    assert trace == generate(replace(NEW, workload="tot", tot_branches=2))  # deterministic per seed
+    by_rid = {r.rid: r for r in trace}
+    first = [r for r in trace if len(r.segments) == 2]
+    second = [r for r in trace if len(r.segments) == 3]
+    assert first and len(second) == 2 * len(first)  # k + k*k requests per program
+    a, b = by_rid["c0-p0-0"], by_rid["c0-p0-1"]
+    n = a.segments[0][1]
+    ia, ib = a.input_ids(), b.input_ids()
+    assert ia[:n] == ib[:n] and ia[n:] != ib[n:len(ib)]  # same problem, own thoughts
+    for c in (0, 1):
+        child = by_rid[f"c0-p0-0-{c}"]
+        assert child.input_ids()[:len(ia)] == ia and child.time >= a.time  # the second level extends its branch
+    assert by_rid["c0-p1-0"].segments[0] != a.segments[0]  # programs have their own problems
+
+
+def test_judge_items_share_material_and_differ_in_candidates() -> None:
+    trace = generate(replace(NEW, workload="judge", candidate_len=(100, 200)))
+    assert trace == generate(replace(NEW, workload="judge", candidate_len=(100, 200)))
+    c1 = [r for r in trace if r.client == "c1"]
+    assert len({r.segments[0] for r in c1}) <= NEW.docs_per_client < len(c1)  # many judgments per material
+    same = [r for r in c1 if r.segments[0] == c1[0].segments[0]]
+    n = same[0].segments[0][1]
+    assert same[0].input_ids()[:n] == same[1].input_ids()[:n]
+    assert all(100 <= r.segments[1][1] <= 200 for r in trace)
+    assert not {r.segments[0] for r in c1} & {r.segments[0] for r in trace if r.client != "c1"}
+
+
+def test_chat_turns_grow_the_history_and_follow_the_previous_turn() -> None:
+    cfg = replace(NEW, workload="chat", turns=(3, 5), think_time=1.0)
+    trace = generate(cfg)
+    assert trace == generate(cfg) and trace != generate(replace(cfg, seed=1))
+    convs: dict[str, list[TraceRecord]] = {}
+    for r in trace:
+        convs.setdefault(r.rid.rsplit("-", 1)[0], []).append(r)
+    assert any(len(v) >= 3 for v in convs.values())
+    for turns in convs.values():
+        turns.sort(key=lambda r: int(r.rid.rsplit("-", 1)[1]))
+        for prev, cur in itertools.pairwise(turns):
+            ids = cur.input_ids()
+            assert ids[:prev.prompt_len] == prev.input_ids()  # history = previous prompt ...
+            assert cur.segments[len(prev.segments)] == (f"a/{cfg.seed}/{prev.rid}", prev.output_len)  # + its output
+            assert cur.prompt_len > prev.prompt_len + prev.output_len  # + a new user message
+            assert cur.time >= prev.time + prev.output_len * cfg.token_time
+
+
+def test_gamma_arrivals_have_the_rate_and_cv_and_scenarios_take_the_new_workloads() -> None:
+    from radixfair.sim.scenarios import trace_configs
+
+    cfg = TraceConfig(workload="docqa", num_clients=1, duration=2000.0, rate=2.0, arrival="gamma", cv=3.0,
+                      doc_len=(8, 8), question_len=(1, 1), output_len=(1, 1))
+    gaps = np.diff([r.time for r in generate(cfg)])
+    assert gaps.mean() == pytest.approx(0.5, rel=0.15) and gaps.std() / gaps.mean() == pytest.approx(3.0, rel=0.25)
+    with pytest.raises(ValueError, match="arrival"):
+        TraceConfig(arrival="uniform")
+    scen = get_scenario("misbehave-s1")
+    assert [t.workload for t in trace_configs(scen, workloads=["tot", "judge", "chat"])] == ["tot", "judge", "chat"]
+    scen = replace(scen, trace=replace(scen.trace, duration=3.0, num_clients=3, doc_len=(256, 384)), sim=SMALL_SIM,
+                   window=1.0)
+    rows = run_scenario(scen, load_profile("a100-llama3.1-8b"), ["lpm", "vtc"], workloads=["tot", "judge", "chat"])
+    assert [r["workload"] for r in rows] == ["tot", "tot", "judge", "judge", "chat", "chat"]
+    assert all(r["completed"] == r["requests"] > 0 and r["hit_rate"] > 0 for r in rows)

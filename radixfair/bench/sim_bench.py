@@ -109,7 +109,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--profile", default="a100-llama3.1-8b",
                    help=f"cost model: {', '.join(available_profiles())} or a JSON path")
     p.add_argument("--workloads", default=None,
-                   help="comma list of docqa,fewshot (default: the scenario's; misbehave-s1/s2 run both)")
+                   help="comma list of docqa,fewshot,tot,judge,chat (default: the scenario's; misbehave-s1/s2 run docqa,fewshot)")
     p.add_argument("--trace", default=None, help="JSONL trace to replay instead of the scenario's generated one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)

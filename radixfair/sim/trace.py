@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,17 +103,26 @@ def read_jsonl(path: str | Path) -> list[TraceRecord]:
 
 @dataclass(frozen=True)
 class TraceConfig:
-    workload: str = "docqa"  # "docqa" (long-document QA) | "fewshot"
+    workload: str = "docqa"  # one of WORKLOADS
     num_clients: int = 8
     duration: float = 60.0  # seconds of arrivals
-    rate: float = 1.0  # requests/s of each well-behaved client (Poisson)
+    rate: float = 1.0  # requests/s of each well-behaved client (on average, for every workload)
     heavy_factor: float = 1.0  # S1: client 0 sends at this multiple of the rate
-    heavy_doc_factor: float = 1.0  # S2: client 0's documents (templates) are this many times longer
-    docs_per_client: int = 2  # docqa: documents each client asks about
-    doc_len: tuple[int, int] = (2048, 3072)  # docqa document / fewshot template tokens, inclusive
-    question_len: tuple[int, int] = (16, 48)
+    heavy_doc_factor: float = 1.0  # S2: client 0's documents (templates, problems, material) are this many times longer
+    docs_per_client: int = 2  # docqa/judge: documents (judged material) each client asks about
+    doc_len: tuple[int, int] = (2048, 3072)  # docqa document / fewshot template / tot problem / judge material /
+    # chat system prompt tokens, inclusive
+    question_len: tuple[int, int] = (16, 48)  # docqa question / chat user message
     output_len: tuple[int, int] = (16, 64)
     seed: int = 0
+    arrival: str = "poisson"  # "poisson" | "gamma" (gaps Gamma-distributed with coefficient of variation `cv`)
+    cv: float = 1.0  # gamma: burstiness; 1 is Poisson, > 1 burstier, < 1 more regular
+    tot_branches: int = 3  # tot: k thoughts per level, two levels -> k + k*k requests per program
+    thought_len: tuple[int, int] = (32, 96)  # tot: tokens of one thought
+    candidate_len: tuple[int, int] = (64, 256)  # judge: tokens of the judged candidate text
+    turns: tuple[int, int] = (2, 6)  # chat: turns per conversation, inclusive
+    think_time: float = 2.0  # chat: mean user think time (exponential) after a turn's expected completion
+    token_time: float = 0.02  # chat/tot: expected seconds per output token, to place a follow-up request
 
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
@@ -121,13 +130,18 @@ class TraceConfig:
         if (self.num_clients < 1 or self.duration <= 0 or self.rate <= 0 or self.heavy_factor <= 0
                 or self.heavy_doc_factor <= 0):
             raise ValueError("num_clients, duration, rate, heavy_factor and heavy_doc_factor must be positive")
-        for name in ("doc_len", "question_len", "output_len"):
+        if self.arrival not in ARRIVALS or self.cv <= 0:
+            raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)} and cv > 0, got {self.arrival!r}, {self.cv}")
+        if self.tot_branches < 1 or self.think_time < 0 or self.token_time < 0:
+            raise ValueError("tot_branches must be >= 1 and think_time, token_time >= 0")
+        for name in ("doc_len", "question_len", "output_len", "thought_len", "candidate_len", "turns"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be a range 1 <= lo <= hi, got {lo},{hi}")
 
 
-WORKLOADS = ("docqa", "fewshot")
+WORKLOADS = ("docqa", "fewshot", "tot", "judge", "chat")
+ARRIVALS = ("poisson", "gamma")
 
 
 def client_names(n: int) -> tuple[str, ...]:
@@ -136,34 +150,108 @@ def client_names(n: int) -> tuple[str, ...]:
 
 
 def generate(cfg: TraceConfig) -> list[TraceRecord]:
-    """Open-loop Poisson arrivals per client; client c0 at `heavy_factor` x the rate (S1) and with
-    documents `heavy_doc_factor` x as long (S2).
+    """Open-loop arrivals per client (Poisson, or Gamma with `cv`); client c0 at `heavy_factor` x the
+    rate (S1) and with documents `heavy_doc_factor` x as long (S2).
 
     docqa: each client owns `docs_per_client` documents and every request is one of them + a fresh
     question, so a client's requests share long prefixes and clients share nothing (LooGLE-like).
     fewshot: each client has one long instruction/examples template shared by all its requests.
+    judge: like docqa with `docs_per_client` long rubric + material blocks, each judgment = one of them
+    + a fresh candidate text (`candidate_len`).
+    tot: programs arrive; each = a problem prefix, `tot_branches` first-level thoughts extending it,
+    and `tot_branches` second-level thoughts extending each first-level one (k + k*k requests).
+    chat: conversations arrive; turn t's prompt = turn t-1's prompt + its output + a new user
+    message, arriving after turn t-1's expected completion and a think time.
+    Session-shaped workloads (tot, chat) start sessions at a rate that keeps `rate` requests/s.
     """
+    gen = {"docqa": _docqa, "fewshot": _docqa, "judge": _docqa, "tot": _tot, "chat": _chat}[cfg.workload]
     out: list[TraceRecord] = []
     for i, client in enumerate(client_names(cfg.num_clients)):
         # one generator per client: adding clients leaves the others' traces unchanged
         rng = np.random.default_rng([cfg.seed, i])
-        docs = 1 if cfg.workload == "fewshot" else cfg.docs_per_client
-        doc_lens = [_draw(rng, cfg.doc_len) for _ in range(docs)]
-        if i == 0 and cfg.heavy_doc_factor != 1.0:
-            doc_lens = [max(1, round(n * cfg.heavy_doc_factor)) for n in doc_lens]
-        rate = cfg.rate * (cfg.heavy_factor if i == 0 else 1.0)
-        t = float(rng.exponential(1.0 / rate))
-        k = 0
-        while t < cfg.duration:
-            d = int(rng.integers(docs))
-            rid = f"{client}-{k}"
-            prefix = f"{cfg.workload}/{cfg.seed}/{client}/{d}"
-            segments = ((prefix, doc_lens[d]), (f"q/{cfg.seed}/{rid}", _draw(rng, cfg.question_len)))
-            out.append(TraceRecord(time=round(t, 6), client=client, output_len=_draw(rng, cfg.output_len),
-                                   segments=segments, rid=rid))
-            k += 1
-            t += float(rng.exponential(1.0 / rate))
-    out.sort(key=lambda r: (r.time, r.client))
+        out.extend(gen(cfg, rng, i, client))
+    out.sort(key=lambda r: (r.time, r.client, r.rid))
+    return out
+
+
+def _doc_lens(cfg: TraceConfig, rng: np.random.Generator, i: int, n: int) -> list[int]:
+    lens = [_draw(rng, cfg.doc_len) for _ in range(n)]
+    if i == 0 and cfg.heavy_doc_factor != 1.0:
+        lens = [max(1, round(x * cfg.heavy_doc_factor)) for x in lens]
+    return lens
+
+
+def _arrivals(cfg: TraceConfig, rng: np.random.Generator, rate: float) -> Iterator[float]:
+    """Arrival times in [0, duration) of a renewal process at `rate` per second."""
+    t = _gap(cfg, rng, rate)
+    while t < cfg.duration:
+        yield t
+        t += _gap(cfg, rng, rate)
+
+
+def _gap(cfg: TraceConfig, rng: np.random.Generator, rate: float) -> float:
+    if cfg.arrival == "poisson":
+        return float(rng.exponential(1.0 / rate))
+    shape = 1.0 / (cfg.cv * cfg.cv)  # mean shape * scale = 1 / rate, CV = 1 / sqrt(shape)
+    return float(rng.gamma(shape, 1.0 / (rate * shape)))
+
+
+def _rate(cfg: TraceConfig, i: int) -> float:
+    return cfg.rate * (cfg.heavy_factor if i == 0 else 1.0)
+
+
+def _docqa(cfg: TraceConfig, rng: np.random.Generator, i: int, client: str) -> list[TraceRecord]:
+    docs = 1 if cfg.workload == "fewshot" else cfg.docs_per_client
+    doc_lens = _doc_lens(cfg, rng, i, docs)
+    tail = cfg.candidate_len if cfg.workload == "judge" else cfg.question_len
+    out = []
+    for k, t in enumerate(_arrivals(cfg, rng, _rate(cfg, i))):
+        d = int(rng.integers(docs))
+        rid = f"{client}-{k}"
+        prefix = f"{cfg.workload}/{cfg.seed}/{client}/{d}"
+        segments = ((prefix, doc_lens[d]), (f"q/{cfg.seed}/{rid}", _draw(rng, tail)))
+        out.append(TraceRecord(time=round(t, 6), client=client, output_len=_draw(rng, cfg.output_len),
+                               segments=segments, rid=rid))
+    return out
+
+
+def _tot(cfg: TraceConfig, rng: np.random.Generator, i: int, client: str) -> list[TraceRecord]:
+    k = cfg.tot_branches
+    out = []
+    for p, t in enumerate(_arrivals(cfg, rng, _rate(cfg, i) / (k + k * k))):
+        pid = f"{client}-p{p}"
+        problem = (f"tot/{cfg.seed}/{pid}", _doc_lens(cfg, rng, i, 1)[0])
+        for b in range(k):
+            thought = (f"t/{cfg.seed}/{pid}/{b}", _draw(rng, cfg.thought_len))
+            first_out = _draw(rng, cfg.output_len)
+            out.append(TraceRecord(time=round(t, 6), client=client, output_len=first_out,
+                                   segments=(problem, thought), rid=f"{pid}-{b}"))
+            # the second level follows its branch's expected completion
+            t2 = round(t + first_out * cfg.token_time, 6)
+            for c in range(k):
+                step = (f"t/{cfg.seed}/{pid}/{b}/{c}", _draw(rng, cfg.thought_len))
+                out.append(TraceRecord(time=t2, client=client, output_len=_draw(rng, cfg.output_len),
+                                       segments=(problem, thought, step), rid=f"{pid}-{b}-{c}"))
+    return out
+
+
+def _chat(cfg: TraceConfig, rng: np.random.Generator, i: int, client: str) -> list[TraceRecord]:
+    system = (f"chat/{cfg.seed}/{client}", _doc_lens(cfg, rng, i, 1)[0])
+    mean_turns = (cfg.turns[0] + cfg.turns[1]) / 2
+    out = []
+    for v, t in enumerate(_arrivals(cfg, rng, _rate(cfg, i) / mean_turns)):
+        cid = f"{client}-v{v}"
+        segments: tuple[tuple[str, int], ...] = (system,)
+        for turn in range(_draw(rng, cfg.turns)):
+            if t >= cfg.duration:
+                break
+            rid = f"{cid}-{turn}"
+            segments = (*segments, (f"u/{cfg.seed}/{rid}", _draw(rng, cfg.question_len)))
+            n_out = _draw(rng, cfg.output_len)
+            out.append(TraceRecord(time=round(t, 6), client=client, output_len=n_out, segments=segments, rid=rid))
+            # the next turn's history holds this turn's answer (its token stream stands for the output)
+            segments = (*segments, (f"a/{cfg.seed}/{rid}", n_out))
+            t += n_out * cfg.token_time + (float(rng.exponential(cfg.think_time)) if cfg.think_time else 0.0)
     return out
 
 
