@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +48,16 @@ def main(ns: argparse.Namespace) -> int:
     trace = read_jsonl(ns.trace) if ns.trace else None
     t = time.perf_counter()
     workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()] if ns.workloads else None
-    rows = run_scenario(scenario, cost, policies, workers=ns.workers, seed=ns.seed, trace=trace, workloads=workloads)
+    from tqdm import tqdm
+
+    with tqdm(desc=f"bench sim {scenario.name}", unit="run", mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        rows = run_scenario(scenario, cost, policies, workers=ns.workers, seed=ns.seed, trace=trace,
+                            workloads=workloads, progress=progress)
     wall = time.perf_counter() - t
     print_rows(rows, f"bench sim {scenario.name}: {scenario.description}; {ns.workers} worker(s), "
                      f"cost model {cost.name}; {_requests(rows)} requests, {wall:.1f} s wall "

@@ -4,7 +4,7 @@ scenario's name alone reproduces its table."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -121,18 +121,24 @@ def trace_configs(scenario: Scenario, workers: int = 1, seed: int = 0,
 
 def run_scenario(scenario: Scenario, cost_model: CostModel, policies: Sequence[str] = DEFAULT_POLICIES,
                  workers: int = 1, seed: int = 0, trace: Sequence[TraceRecord] | None = None,
-                 workloads: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                 workloads: Sequence[str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """One JSON row per policy (variant) and trace, every policy on the same trace. A given `trace`
-    replaces the generated ones (it is run once, labelled with the scenario's first workload)."""
+    replaces the generated ones (it is run once, labelled with the scenario's first workload).
+    `progress(done, total)` is called after each simulation."""
     tcfgs = trace_configs(scenario, workers, seed, workloads)
-    rows = []
-    for tcfg in tcfgs[:1] if trace is not None else tcfgs:
+    tcfgs = tcfgs[:1] if trace is not None else tcfgs
+    total = len(tcfgs) * len(variants(scenario, policies))
+    rows: list[dict[str, Any]] = []
+    for tcfg in tcfgs:
         records = list(trace) if trace is not None else generate(tcfg)
         for label, cfg in variants(scenario, policies):
             result = Simulator(records, cost_model, replace(cfg, num_workers=workers, seed=seed)).run()
             rows.append(summarize(scenario, label, result, heavy_factor=tcfg.heavy_factor, workload=tcfg.workload,
                                   heavy_doc_factor=tcfg.heavy_doc_factor,
                                   num_clients=None if trace is not None else tcfg.num_clients))
+            if progress is not None:
+                progress(len(rows), total)
     return rows
 
 
