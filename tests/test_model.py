@@ -180,7 +180,8 @@ def test_length_grouped_decode_matches_transformers(tiny_llama: Path) -> None:
         torch.testing.assert_close(got[row], hf_logits(hf, s)[n], atol=TOL, rtol=0)
 
 
-def test_cascade_decode_over_a_shared_prefix_matches_transformers(tiny_llama: Path) -> None:
+def test_cascade_decode_over_a_shared_prefix_matches_transformers(tiny_llama: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequences that share their first slots (one document, several questions) attend to the
     shared part as one operand; logits must not change."""
     from radixfair.engine import model_runner
@@ -202,6 +203,10 @@ def test_cascade_decode_over_a_shared_prefix_matches_transformers(tiny_llama: Pa
     run_logits(runner, prefill_batch([(st, len(doc), n) for st, n in zip(states, own, strict=True)]))
     batch = decode_batch([(st, len(doc) + n) for st, n in zip(states, own, strict=True)])
     batch.row_slots = [st.slots.copy() for st in states]
+    # 3 x 300 spared tokens are far below what a cascade's extra ops cost: plain groups
+    assert (len(states) - 1) * len(doc) < model_runner.CASCADE_MIN_SAVED_TOKENS
+    assert all(g.shared_index is None for g in runner._prepare(batch).decode_groups or [])
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 0)  # force it, to check the math
     groups = runner._prepare(batch).decode_groups
     assert groups is not None and any(g.shared_index is not None for g in groups)
     assert len(doc) >= model_runner.MIN_SHARED_PREFIX

@@ -1,15 +1,17 @@
 """`radixfair bench calibrate`: fit the simulator's cost model to this project's own executor.
 
-Every forward pass of `ModelRunner.run` is timed while a short synthetic workload goes through a real
-`Engine`: single prompts of several lengths (prefill only), prompts that share a cached prefix, and
-groups of 1-16 requests at two context lengths that then decode together. Each pass gives
-(prefill_tokens, decode_reqs, kv_tokens_read, seconds), the same features `CostModel.batch_time`
-charges, and a non-negative least-squares fit of `t = a + b*prefill + c*decode_reqs + e*kv` becomes a
-profile JSON. A random 30% of the passes is held out of a first fit to say how well it predicts
-unseen passes (R^2, median relative error); the written coefficients are refitted on all passes.
+Every engine iteration (schedule, forward pass, outputs: what the simulator charges one batch for)
+is timed while a synthetic workload goes through a real `Engine`: single prompts of several lengths,
+prompts over a cached prefix, several questions over one cached document in one prefill, and groups
+of 1-16 requests at several context lengths that then decode together. Each iteration gives its
+`BatchFeatures` and seconds, and a non-negative least-squares fit of the cost model's six terms
+becomes a profile JSON. A random 30% of the passes is held out of a first fit to say how well it
+predicts unseen passes (R^2, median relative error); the written coefficients are refitted on all.
 
-`sim_vs_real` replays one small trace on the real engine and in the simulator with a cost model, to
-compare throughput and mean latency.
+`--sim-vs-real N` replays a small trace on the real engine and in the simulator with the fitted
+model and compares throughput and mean latency. Half of the calibration workload runs before the
+replay and half after it, so a shared machine's slow drift in speed reaches the fit and the replay
+alike.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,18 +31,18 @@ from typing import Any
 import numpy as np
 
 from radixfair.bench.report import print_table, write_json
-from radixfair.sim.cost_model import CostModel, batch_features
+from radixfair.sim.cost_model import COEFFICIENTS, BatchFeatures, CostModel, batch_features
 
-FEATURES = ("const", "prefill_tokens", "decode_reqs", "kv_tokens_read")
+FEATURES = ("const", *BatchFeatures._fields)
+WORKLOAD = ("single prompts of 16-512 tokens; prompts of 16-256 tokens over a cached 512-token prefix; 1-8 "
+            "questions over one cached document in one prefill; groups of 1-16 requests at 32-1024 prompt "
+            "tokens decoding together")
 
 
 @dataclass(frozen=True)
 class PassSample:
     mode: str  # "prefill" | "decode"
-    prefill_tokens: int
-    decode_reqs: int
-    kv_tokens_read: int
-    reqs: int
+    features: BatchFeatures
     seconds: float
 
 
@@ -54,23 +57,23 @@ class FitQuality:
 
 
 def design_matrix(samples: Sequence[PassSample]) -> np.ndarray:
-    return np.array([[1.0, s.prefill_tokens, s.decode_reqs, s.kv_tokens_read] for s in samples], dtype=np.float64)
+    return np.array([s.features.vector() for s in samples], dtype=np.float64).reshape(-1, len(COEFFICIENTS))
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0 (a cost model's terms are costs). With four columns
-    the exact solution is the best of the unconstrained fits over column subsets whose coefficients
-    all come out >= 0 (the optimum is the unconstrained optimum on its own support)."""
+    """Least squares with every coefficient >= 0 (a cost model's terms are costs). The optimum is the
+    unconstrained optimum on its own support, so with six columns it is the best of the unconstrained
+    fits over column subsets whose coefficients all come out >= 0."""
     if x.ndim != 2 or len(x) != len(y) or len(y) == 0:
         raise ValueError("need a non-empty design matrix and one time per row")
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
-    xs = x / scale  # columns of similar size: the features span 1 to ~1e4
+    xs = x / scale  # columns of similar size: the features span 1 to ~1e6
     best: np.ndarray | None = None
     best_res = float("inf")
-    cols = range(x.shape[1])
-    for k in range(1, x.shape[1] + 1):
-        for subset in itertools.combinations(cols, k):
+    live = [j for j in range(x.shape[1]) if np.any(x[:, j])]  # a feature that never occurs stays 0
+    for k in range(1, len(live) + 1):
+        for subset in itertools.combinations(live, k):
             idx = list(subset)
             coef, *_ = np.linalg.lstsq(xs[:, idx], y, rcond=None)
             if (coef < 0).any():
@@ -124,16 +127,15 @@ def fit_profile(samples: Sequence[PassSample], name: str, describe: str, test_fr
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     source = (
         f"Measured by `radixfair bench calibrate` on {when}: non-negative least-squares fit of "
-        f"t = a + b*prefill_tokens + c*decode_reqs + e*kv_tokens_read to {len(samples)} timed "
-        f"ModelRunner.run passes ({sum(s.mode == 'prefill' for s in samples)} prefill, "
-        f"{sum(s.mode == 'decode' for s in samples)} decode) of {describe}. Workload: single prompts of "
-        f"16-512 tokens, prompts sharing a cached 256-token prefix, groups of 1-16 requests at 32 and 256 "
-        f"prompt tokens decoding together. Held-out check (fit on a random {1 - test_fraction:.0%}, tested on "
-        f"the other {len(te)} passes): R^2 {r2:.3f}, median relative error {mre:.1%}"
-        f"{_mode_errors(per)}. Coefficients refitted on all passes. Valid for this machine, model and dtype only."
+        f"t = a + b*prefill_tokens + f*prefill_seqs + g*attn_pairs + c*decode_reqs + e*kv_tokens_read to "
+        f"{len(samples)} timed engine iterations (schedule + forward pass + outputs; "
+        f"{sum(s.mode == 'prefill' for s in samples)} prefill, {sum(s.mode == 'decode' for s in samples)} "
+        f"decode) of {describe}. Workload: {WORKLOAD}. Held-out check (fit on a random "
+        f"{1 - test_fraction:.0%}, tested on the other {len(te)} passes): R^2 {r2:.3f}, median relative error "
+        f"{mre:.1%}{_mode_errors(per)}. Coefficients refitted on all passes. Valid for this machine, model and "
+        f"dtype only."
     )
-    model = CostModel(name=name, a=float(coef[0]), b_prefill_token=float(coef[1]), c_decode_req=float(coef[2]),
-                      e_kv_token=float(coef[3]), source=source)
+    model = CostModel(name=name, source=source, **{f: float(c) for f, c in zip(COEFFICIENTS, coef, strict=True)})
     return model, quality
 
 
@@ -145,33 +147,25 @@ def _mode_errors(per: dict[str, float | None]) -> str:
 # ---- measuring the engine ----------------------------------------------------------------------
 
 
-def instrument(engine: Any) -> list[PassSample]:
-    """Time every `engine.runner.run` from now on; returns the list the samples are appended to."""
-    import torch
-
+@contextmanager
+def record_passes(engine: Any) -> Iterator[list[PassSample]]:
+    """Every engine iteration while the block runs, as (features, wall seconds) samples."""
     samples: list[PassSample] = []
-    runner = engine.runner
-    original = runner.run
-    cuda = engine.device.type == "cuda"
 
-    def timed(batch: Any) -> Any:
-        if cuda:
-            torch.cuda.synchronize(engine.device)
-        t = time.perf_counter()
-        out = original(batch)
-        if cuda:
-            torch.cuda.synchronize(engine.device)
-        dt = time.perf_counter() - t
-        p, d, kv = batch_features(batch)
-        samples.append(PassSample("prefill" if d == 0 else "decode", p, d, kv, len(batch.reqs), dt))
-        return out
+    def observe(batch: Any, seconds: float) -> None:
+        f = batch_features(batch)
+        samples.append(PassSample("decode" if f.decode_reqs else "prefill", f, seconds))
 
-    runner.run = timed  # the engine's loop looks the method up on every pass
-    return samples
+    engine.pass_observers.append(observe)
+    try:
+        yield samples
+    finally:
+        engine.pass_observers.remove(observe)
 
 
-def synthetic_workload(engine: Any, repeats: int = 1, seed: int = 0) -> None:
-    """Drive the engine through prefill and decode passes of varied shapes (see the module doc)."""
+def synthetic_workload(engine: Any, seed: int = 0, part: int | None = None) -> None:
+    """Drive the engine through prefill and decode passes of varied shapes (see the module doc).
+    `part` 0 or 1 runs one half of it (each half covers every kind of pass); None runs both."""
     vocab = int(engine.model_config.vocab_size)
     lo = min(100, vocab // 4)
     rng = np.random.default_rng(seed)
@@ -183,23 +177,30 @@ def synthetic_workload(engine: Any, repeats: int = 1, seed: int = 0) -> None:
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": new, "ignore_eos": True,
                                                             "temperature": 0.0})
 
-    for _ in range(repeats):
-        for n in (16, 48, 96, 160, 256, 384, 512):  # prefill only
-            run([ids(n)], 1)
-        shared = ids(256)
-        for n in (16, 64, 128, 256):  # a cached prefix: kv read exceeds the tokens computed
-            run([shared + ids(n)], 1)
-        for b in (1, 4, 8, 16):
-            for n in (32, 256):
-                run([ids(n) for _ in range(b)], 12)
+    halves: list[list[Any]] = [[], []]
+    for j, n in enumerate((16, 48, 96, 160, 256, 384, 512)):  # prefill only
+        halves[j % 2].append(([n], 0, 1, 1))
+    for j, n in enumerate((16, 64, 128, 256)):  # over a cached prefix: attention reads past the new tokens
+        halves[j % 2].append(([n], 512, 1, 1))
+    for j, b in enumerate((2, 4, 6, 8)):  # several questions over one cached document, one prefill
+        halves[j % 2].append(([24 + 8 * i for i in range(b)], 512, 1, 1))
+    for j, (b, n) in enumerate(itertools.product((1, 4, 8, 16), (32, 256))):
+        halves[j % 2].append(([n] * b, 0, 12, 1))
+    halves[0].append(([1024] * 4, 0, 12, 1))
+    halves[1].append(([512] * 8, 0, 12, 1))
+    for h in (0, 1) if part is None else (part,):
+        for lens, prefix, new, _ in halves[h]:
+            shared = ids(prefix)
+            if prefix:
+                run([shared], 1)  # cache the document first
+            run([shared + ids(n) for n in lens], new)
 
 
-def calibrate_engine(engine: Any, repeats: int = 1, seed: int = 0, warmup: bool = True) -> list[PassSample]:
-    samples = instrument(engine)
+def calibrate_engine(engine: Any, seed: int = 0, warmup: bool = True) -> list[PassSample]:
     if warmup:  # first passes pay one-off allocation and dispatch costs
         engine.generate(input_ids=[[7] * 24, [8] * 40], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
-        samples.clear()
-    synthetic_workload(engine, repeats, seed)
+    with record_passes(engine) as samples:
+        synthetic_workload(engine, seed)
     return list(samples)
 
 
@@ -231,54 +232,88 @@ def profile_name(engine: Any) -> str:
 # ---- sim vs real -------------------------------------------------------------------------------
 
 
-def sim_vs_real(engine: Any, cost_model: CostModel, trace: Sequence[Any]) -> dict[str, float]:
-    """Replay `trace` (TraceRecords, arrivals in seconds) on the real engine in wall time and in the
-    simulator with `cost_model` and the engine's own scheduler settings; relative errors of the
-    simulator's throughput (prompt + output tokens / makespan) and mean end-to-end latency. The
-    engine's radix cache is flushed first (after a warm-up pass), so both start cold."""
-    from radixfair.sim.simulator import SimConfig, Simulator
+@dataclass(frozen=True)
+class RealRun:
+    finish: list[float]  # per trace record, seconds from the trace's start
+    passes: list[PassSample]  # every engine iteration of the replay
 
+
+def replay(engine: Any, trace: Sequence[Any]) -> RealRun:
+    """Replay `trace` (TraceRecords, arrivals in seconds) on the real engine in wall time, from an
+    empty radix cache (after a warm-up pass) as a simulated worker starts."""
     vocab = int(engine.model_config.vocab_size)
-    # warm the executor, then start from an empty radix cache as the simulated worker does
     engine.generate(input_ids=[[7] * 24, [8] * 40], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
     engine.flush_cache()
     finish: list[float] = [0.0] * len(trace)
-    start = time.perf_counter() + 0.05
     errors: list[BaseException] = []
+    prompts = [rec.input_ids(vocab) for rec in trace]
 
-    def one(i: int) -> None:
+    def one(i: int, start: float) -> None:
         rec = trace[i]
         try:
             time.sleep(max(0.0, start + rec.time - time.perf_counter()))
-            engine.generate(input_ids=rec.input_ids(vocab), client_id=rec.client,
+            engine.generate(input_ids=prompts[i], client_id=rec.client,
                             sampling_params={"max_new_tokens": rec.output_len, "ignore_eos": True})
             finish[i] = time.perf_counter() - start
         except BaseException as e:  # re-raised below, in the caller's thread
             errors.append(e)
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(trace))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with record_passes(engine) as passes:
+        start = time.perf_counter() + 0.05
+        threads = [threading.Thread(target=one, args=(i, start), daemon=True) for i in range(len(trace))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if errors:
         raise errors[0]
-    tokens = sum(r.prompt_len + r.output_len for r in trace)
-    real_span = max(finish)
-    real_lat = float(np.mean([f - r.time for f, r in zip(finish, trace, strict=True)]))
+    return RealRun(finish, list(passes))
+
+
+def simulate(engine: Any, cost_model: CostModel, trace: Sequence[Any]) -> Any:
+    """The trace in the simulator with `cost_model` and the engine's own scheduler settings."""
+    from radixfair.sim.simulator import SimConfig, Simulator
 
     sched = engine.scheduler.config
     cfg = SimConfig(policy=engine.args.schedule_policy, max_total_tokens=sched.max_total_tokens,
                     max_running_requests=sched.max_running_requests, max_prefill_tokens=sched.max_prefill_tokens,
                     chunked_prefill_size=sched.chunked_prefill_size, max_context_len=sched.max_context_len,
-                    disable_radix_cache=sched.disable_radix_cache, vocab_size=vocab)
-    res = Simulator(trace, cost_model, cfg).run()
-    sim_span = res.makespan
-    sim_lat = float(np.mean([r.finish - r.arrival for r in res.records if r.finish is not None]))
-    real_tp, sim_tp = tokens / real_span, tokens / sim_span
+                    disable_radix_cache=sched.disable_radix_cache, vocab_size=int(engine.model_config.vocab_size))
+    return Simulator(trace, cost_model, cfg).run()
+
+
+def compare(trace: Sequence[Any], reals: Sequence[RealRun], sim: Any, cost_model: CostModel) -> dict[str, float]:
+    """Relative errors of the simulator's throughput (prompt + output tokens / makespan) and mean
+    end-to-end latency against the mean over the real replays (their spread shows the machine's own
+    noise), and, to tell the sources of error apart, how far the cost model is off on the real runs'
+    own passes (`cost_model_rel_error`) and how many passes each side ran."""
+    if not reals:
+        raise ValueError("no real replay to compare with")
+    tokens = sum(r.prompt_len + r.output_len for r in trace)
+    real_tps = np.array([tokens / max(real.finish) for real in reals])
+    real_lats = np.array([np.mean([f - r.time for f, r in zip(real.finish, trace, strict=True)]) for real in reals])
+    real_tp, real_lat = float(real_tps.mean()), float(real_lats.mean())
+    sim_tp = tokens / sim.makespan
+    sim_lat = float(np.mean([r.finish - r.arrival for r in sim.records if r.finish is not None]))
+    passes = [p for real in reals for p in real.passes]
+    measured = sum(p.seconds for p in passes)
+    predicted = sum(cost_model.time(p.features) for p in passes)
+    per_round = (sim_tp - real_tps) / real_tps
     return {"real_throughput": real_tp, "sim_throughput": sim_tp, "throughput_rel_error": (sim_tp - real_tp) / real_tp,
             "real_mean_latency": real_lat, "sim_mean_latency": sim_lat,
-            "latency_rel_error": (sim_lat - real_lat) / real_lat}
+            "latency_rel_error": (sim_lat - real_lat) / real_lat,
+            "rounds": float(len(reals)), "throughput_rel_error_min": float(per_round.min()),
+            "throughput_rel_error_max": float(per_round.max()),
+            "real_passes": float(np.mean([len(real.passes) for real in reals])),
+            "sim_passes": float(sum(w["batches"] for w in sim.workers)),
+            "cost_model_rel_error": (predicted - measured) / measured if measured > 0 else float("nan")}
+
+
+def sim_vs_real(engine: Any, cost_model: CostModel, trace: Sequence[Any], rounds: int = 1) -> dict[str, float]:
+    """Replay `trace` `rounds` times on the real engine and once in the simulator with `cost_model`;
+    see `compare`."""
+    reals = [replay(engine, trace) for _ in range(rounds)]
+    return compare(trace, reals, simulate(engine, cost_model, trace), cost_model)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -288,34 +323,53 @@ def main(ns: argparse.Namespace) -> int:
     import json
 
     from radixfair.engine.engine import Engine
+    from radixfair.sim.trace import read_jsonl
 
     if ns.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {ns.repeats}")
+    if ns.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {ns.rounds}")
+    if ns.sim_vs_real < 0:
+        raise ValueError(f"--sim-vs-real must be >= 0, got {ns.sim_vs_real}")
+    trace = (read_jsonl(ns.trace) if ns.trace else sim_vs_real_trace(ns.sim_vs_real, ns.seed)) \
+        if (ns.sim_vs_real or ns.trace) else None
     t0 = time.perf_counter()
     with Engine(model=ns.model, device=ns.device, dtype=ns.dtype, max_total_tokens=16384,
                 max_running_requests=32, num_threads=ns.num_threads, schedule_policy="fcfs",
                 random_seed=ns.seed) as engine:
-        samples = calibrate_engine(engine, repeats=ns.repeats, seed=ns.seed)
+        engine.generate(input_ids=[[7] * 24, [8] * 40], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+        samples: list[PassSample] = []
+        reals: list[RealRun] = []
+        # Without a replay: the workload `repeats` times. With one: calibration halves and replays
+        # alternate (half, replay, half, replay, ..., half), so that the fit and the replays sample
+        # the same stretch of a shared machine's drifting speed.
+        steps = [(ns.seed + r, None) for r in range(ns.repeats)] if trace is None else \
+            [(ns.seed + h // 2, h % 2) for h in range(max(ns.rounds + 1, 2 * ns.repeats))]
+        for h, (seed, part) in enumerate(steps):
+            with record_passes(engine) as got:
+                synthetic_workload(engine, seed, part=part)
+            samples += got
+            if trace is not None and h < ns.rounds:
+                reals.append(replay(engine, trace))
         model, q = fit_profile(samples, profile_name(engine), describe_engine(engine), ns.test_fraction, ns.seed)
-        check = sim_vs_real(engine, model, sim_vs_real_trace(ns.sim_vs_real, ns.seed)) if ns.sim_vs_real else None
+        check = compare(trace, reals, simulate(engine, model, trace), model) if trace is not None else None
     wall = time.perf_counter() - t0
-    print_table(["term", "value"],
-                [["a (s per pass)", f"{model.a:.4g}"], ["b (s per prefill token)", f"{model.b_prefill_token:.4g}"],
-                 ["c (s per decode request)", f"{model.c_decode_req:.4g}"],
-                 ["e (s per KV token read)", f"{model.e_kv_token:.4g}"],
-                 ["passes (train / held out)", f"{q.n_train} / {q.n_test}"], ["held-out R^2", f"{q.r2:.3f}"],
-                 ["held-out median rel. error", f"{q.median_rel_error:.1%}"],
-                 ["  prefill / decode", f"{_pct(q.median_rel_error_prefill)} / {_pct(q.median_rel_error_decode)}"]],
-                title=f"bench calibrate: {model.name}, {wall:.1f} s wall")
+    rows = [[f, f"{getattr(model, f):.4g}"] for f in COEFFICIENTS]
+    rows += [["passes (train / held out)", f"{q.n_train} / {q.n_test}"], ["held-out R^2", f"{q.r2:.3f}"],
+             ["held-out median rel. error", f"{q.median_rel_error:.1%}"],
+             ["  prefill / decode", f"{_pct(q.median_rel_error_prefill)} / {_pct(q.median_rel_error_decode)}"]]
+    print_table(["term", "value"], rows, title=f"bench calibrate: {model.name}, {wall:.1f} s wall")
     with open(ns.out, "w") as f:
         json.dump(model.to_dict(), f, indent=2)
         f.write("\n")
     print(f"wrote {ns.out} (use it with `radixfair bench sim --profile {ns.out}`)")
     if check is not None:
+        assert trace is not None
         print_table(["sim vs real", "value"], [[k, f"{v:.4g}"] for k, v in check.items()],
-                    title=f"{ns.sim_vs_real} requests replayed on this engine and in the simulator")
+                    title=f"{len(trace)} requests replayed on this engine and in the simulator")
     write_json(ns.json, {"profile": model.to_dict(), "fit": asdict(q), "sim_vs_real": check,
-                         "samples": [asdict(s) for s in samples]})
+                         "samples": [_sample_json(s) for s in samples],
+                         "replay_passes": [[_sample_json(s) for s in real.passes] for real in reals]})
     return 0
 
 
@@ -327,6 +381,10 @@ def sim_vs_real_trace(n: int, seed: int) -> list[Any]:
     del seed  # segment tokens are a pure function of their names
     return [TraceRecord(time=0.005 * i, client=f"c{i % 2}", output_len=16 + 8 * (i % 3),
                         segments=((f"doc/{i % 2}", 512), (f"q/{i}", 24)), rid=f"r{i}") for i in range(n)]
+
+
+def _sample_json(s: PassSample) -> dict[str, Any]:
+    return {"mode": s.mode, **s.features._asdict(), "seconds": s.seconds}
 
 
 def _pct(x: float | None) -> str:
@@ -345,6 +403,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="passes held out of the quality check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim-vs-real", type=int, default=0, metavar="N",
-                   help="after fitting, replay N requests on this engine and in the simulator with the fitted "
-                        "profile and report the relative errors of throughput and mean latency")
+                   help="also replay N requests (a shared-document burst) on this engine and in the simulator "
+                        "with the fitted profile and report the relative errors of throughput and mean latency")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --sim-vs-real: real replays, alternating with calibration halves (default: %(default)s)")
+    p.add_argument("--trace", default=None, metavar="JSONL",
+                   help="with --sim-vs-real: replay this JSONL trace (as `bench sim --trace-out` writes) instead of the built-in burst")
     p.set_defaults(func=main)

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from radixfair.bench.report import print_table, write_json
@@ -41,13 +43,24 @@ def main(ns: argparse.Namespace) -> int:
     from radixfair.sim.trace import read_jsonl
 
     scenario = get_scenario(ns.scenario)
+    if ns.arrival is not None or ns.cv is not None:
+        arrival = ns.arrival or ("gamma" if ns.cv is not None else scenario.trace.arrival)
+        if arrival == "poisson" and ns.cv not in (None, 1.0):
+            raise ValueError("--cv sets the burstiness of --arrival gamma; Poisson arrivals have cv 1")
+        scenario = replace(scenario, trace=replace(scenario.trace, arrival=arrival,
+                                                   cv=scenario.trace.cv if ns.cv is None else ns.cv))
     policies = parse_policies(ns.policies)
     if ns.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {ns.workers}")
     cost = load_profile(ns.profile)
     trace = read_jsonl(ns.trace) if ns.trace else None
+    if ns.trace_out:
+        if trace is not None:
+            raise ValueError("--trace-out writes the scenario's generated traces; it does not go with --trace")
+        for path in write_traces(scenario, ns.trace_out, ns.workers, ns.seed, workloads=_workloads(ns)):
+            print(f"wrote {path}")
     t = time.perf_counter()
-    workloads = [w.strip() for w in ns.workloads.split(",") if w.strip()] if ns.workloads else None
+    workloads = _workloads(ns)
     from tqdm import tqdm
 
     with tqdm(desc=f"bench sim {scenario.name}", unit="run", mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
@@ -72,6 +85,30 @@ def main(ns: argparse.Namespace) -> int:
             plot_service_rates(rows, ns.plot)
         print(f"wrote {ns.plot}")
     return 0
+
+
+def _workloads(ns: argparse.Namespace) -> list[str] | None:
+    return [w.strip() for w in ns.workloads.split(",") if w.strip()] if ns.workloads else None
+
+
+def write_traces(scenario: Any, path: str, workers: int = 1, seed: int = 0,
+                 workloads: Sequence[str] | None = None) -> list[str]:
+    """The scenario's generated traces as JSONL, the files `--trace` (here and in `bench calibrate`)
+    replays. One trace goes to `path`; several get their workload (and client count) before the suffix."""
+    from radixfair.sim.scenarios import trace_configs
+    from radixfair.sim.trace import generate, write_jsonl
+
+    tcfgs = trace_configs(scenario, workers, seed, workloads)
+    p = Path(path)
+    out = []
+    for tcfg in tcfgs:
+        target = p
+        if len(tcfgs) > 1:
+            tag = tcfg.workload + (f".{tcfg.num_clients}clients" if scenario.client_counts else "")
+            target = p.with_name(f"{p.stem}.{tag}{p.suffix or '.jsonl'}")
+        write_jsonl(target, generate(tcfg))
+        out.append(str(target))
+    return out
 
 
 def plot_client_scale(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -121,6 +158,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workloads", default=None,
                    help="comma list of docqa,fewshot,tot,judge,chat (default: the scenario's; misbehave-s1/s2 run docqa,fewshot)")
     p.add_argument("--trace", default=None, help="JSONL trace to replay instead of the scenario's generated one")
+    p.add_argument("--trace-out", default=None, metavar="PATH",
+                   help="also write the scenario's generated trace(s) as JSONL (several: PATH.<workload>.jsonl)")
+    p.add_argument("--arrival", default=None, choices=["poisson", "gamma"],
+                   help="arrival process of the generated traces (default: the scenario's, Poisson)")
+    p.add_argument("--cv", type=float, default=None,
+                   help="coefficient of variation of Gamma inter-arrival gaps (implies --arrival gamma; 1 = Poisson)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of each client's service rate over time")

@@ -71,6 +71,7 @@ class EngineArgs:
 class _Submit:
     req: Req
     sink: Callable[[dict[str, Any]], object]
+    stream: bool = True  # False: only the final output goes to the sink
 
 
 @dataclass
@@ -147,9 +148,16 @@ class Engine:
         )
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._outputs: dict[str, Callable[[dict[str, Any]], object]] = {}
+        # rids whose callers want every step's output; the others get only their final result, so a
+        # non-streaming request costs no per-step result dict and wakes no waiting thread per token
+        self._streaming: set[str] = set()
         self._stopped = False
         self.last_invariant: tuple[int, int, int] | None = None
         self.invariant_violations = 0
+        # called on the scheduler thread after each iteration (schedule, forward pass, outputs) with
+        # the batch and the iteration's wall seconds; `bench calibrate` fits the simulator's cost
+        # model to these. Observers must be quick and must not raise.
+        self.pass_observers: list[Callable[[ScheduledBatch, float], None]] = []
         self._thread = threading.Thread(target=self._loop, name="radixfair-scheduler", daemon=True)
         self._thread.start()
 
@@ -175,7 +183,7 @@ class Engine:
             if len(reqs) != 1:
                 raise ValueError("stream=True takes a single prompt")
             return self._stream(reqs[0])
-        queues = [self._submit(r) for r in reqs]
+        queues = [self._submit(r, stream=False) for r in reqs]
         results = [self._wait(q) for q in queues]
         single = isinstance(prompt, str) or (input_ids is not None and isinstance(input_ids[0], int))
         return results[0] if single and len(results) == 1 else results
@@ -183,11 +191,12 @@ class Engine:
     def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
         return self.generate(prompt, stream=True, **kwargs)
 
-    async def async_generate(self, req: Req) -> AsyncIterator[dict[str, Any]]:
-        """Stream a prepared request's outputs into an asyncio consumer (used by the HTTP server)."""
+    async def async_generate(self, req: Req, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """Stream a prepared request's outputs into an asyncio consumer (used by the HTTP server);
+        `stream=False` yields only the final output."""
         loop = asyncio.get_running_loop()
         aq: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._inbox.put(_Submit(req, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out)))
+        self._inbox.put(_Submit(req, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out), stream))
         try:
             while True:
                 out = await aq.get()
@@ -338,11 +347,11 @@ class Engine:
             raise call.error
         return call.result
 
-    def _submit(self, req: Req) -> queue.Queue[dict[str, Any]]:
+    def _submit(self, req: Req, stream: bool = True) -> queue.Queue[dict[str, Any]]:
         if self._stopped:
             raise RuntimeError("the engine is shut down")
         q: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._inbox.put(_Submit(req, q.put))
+        self._inbox.put(_Submit(req, q.put, stream))
         return q
 
     def _wait(self, q: queue.Queue[dict[str, Any]]) -> dict[str, Any]:
@@ -379,6 +388,8 @@ class Engine:
                         raise ValueError(f"duplicate request id {req.rid!r}: it is already in use")
                     self.scheduler.add_request(req)
                     self._outputs[req.rid] = item.sink
+                    if item.stream:
+                        self._streaming.add(req.rid)
                 except ValueError as e:
                     # answer through this request's own sink: an existing request with the same
                     # rid keeps its sink
@@ -401,6 +412,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             while self._drain_inbox(block=self.scheduler.is_idle()):
+                t0 = time.perf_counter()
                 batch = self.scheduler.schedule()
                 for req in self.scheduler.pop_dropped():
                     self._finish(req)
@@ -418,6 +430,10 @@ class Engine:
                     continue
                 finished = self.scheduler.process_output(batch, out)
                 self._publish(batch, finished)
+                if self.pass_observers:
+                    dt = time.perf_counter() - t0
+                    for observe in self.pass_observers:
+                        observe(batch, dt)
         finally:
             self._fail_all("the engine shut down")
 
@@ -426,7 +442,7 @@ class Engine:
         for req in batch.reqs:
             if id(req) in done:
                 self._finish(req)
-            elif req.output_ids:
+            elif req.output_ids and req.rid in self._streaming:
                 self._emit(req, False)
 
     def _finish(self, req: Req) -> None:
@@ -439,6 +455,7 @@ class Engine:
             return
         if finished:
             self._outputs.pop(req.rid, None)
+            self._streaming.discard(req.rid)
         cb(self.result_dict(req, finished))
 
     def result_dict(self, req: Req, finished: bool) -> dict[str, Any]:
@@ -483,6 +500,7 @@ class Engine:
             cb({"finished": True, "text": "", "output_ids": [], "meta_info": {
                 "id": rid, "finish_reason": {"type": "abort", "message": message}}})
         self._outputs.clear()
+        self._streaming.clear()
 
 
 def _lp(x: TokenLogprob) -> tuple[float | None, int, None]:

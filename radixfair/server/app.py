@@ -107,8 +107,10 @@ def public(out: dict[str, Any], token_text: Callable[[int], str] | None = None) 
     return res
 
 
-async def merge_streams(engine: Engine, reqs: list[Req]) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
-    """Outputs of several requests as they come, tagged with the request's index.
+async def merge_streams(engine: Engine, reqs: list[Req],
+                        stream: bool = True) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+    """Outputs of several requests as they come, tagged with the request's index (with
+    `stream=False`, only each request's final output).
 
     Leaving early (client gone, error) cancels the pumps; each `async_generate` is closed, and
     its `finally` aborts the request so its KV is released and the scheduler stops working for it.
@@ -119,7 +121,7 @@ async def merge_streams(engine: Engine, reqs: list[Req]) -> AsyncGenerator[tuple
         try:
             # async_generate is an async generator (annotated as an iterator); closing it runs its
             # abort-on-exit `finally` even when this pump is cancelled between two outputs
-            gen = cast(AsyncGenerator[dict[str, Any], None], engine.async_generate(req))
+            gen = cast(AsyncGenerator[dict[str, Any], None], engine.async_generate(req, stream))
             async with aclosing(gen):
                 async for out in gen:
                     q.put_nowait((i, out))
@@ -148,7 +150,7 @@ async def collect(engine: Engine, reqs: list[Req], request: Request) -> list[dic
     finals: list[dict[str, Any]] = [{} for _ in reqs]
 
     async def run() -> None:
-        async with aclosing(merge_streams(engine, reqs)) as stream:
+        async with aclosing(merge_streams(engine, reqs, stream=False)) as stream:
             async for i, out in stream:
                 if out["finished"]:
                     finals[i] = out
