@@ -379,6 +379,33 @@ def test_chat_turns_grow_the_history_and_follow_the_previous_turn() -> None:
             assert cur.segments[len(prev.segments)] == (f"a/{cfg.seed}/{prev.rid}", prev.output_len)  # + its output
             assert cur.prompt_len > prev.prompt_len + prev.output_len  # + a new user message
             assert cur.time >= prev.time + prev.output_len * cfg.token_time
+            assert prev.output_group == cur.segments[len(prev.segments)][0]
+
+
+def test_chat_answers_are_reused_from_the_cache_in_the_simulator() -> None:
+    """The stand-in executor answers with a record's `output_group` stream, so a turn whose history
+    quotes the previous answer finds prompt + answer cached, as with a client sending the reply back."""
+    cfg = replace(NEW, workload="chat", turns=(3, 4), think_time=0.5, rate=0.5)
+    trace = generate(cfg)
+    plain = [replace(r, output_group="") for r in trace]
+    sim_cfg = replace(SMALL_SIM, policy="lpm", max_total_tokens=200_000)
+    with_answers = Simulator(trace, load_profile("a100-llama3.1-8b"), sim_cfg).run()
+    without = Simulator(plain, load_profile("a100-llama3.1-8b"), sim_cfg).run()
+    by_rid = {r.rid: r for r in trace}
+    done = dict(zip(with_answers.rids, with_answers.records, strict=True))
+    later = 0
+    for rid, rec, res in zip(with_answers.rids, with_answers.records, without.records, strict=True):
+        turn = int(rid.rsplit("-", 1)[1])
+        prev_rid = f"{rid.rsplit('-', 1)[0]}-{turn - 1}"
+        if turn == 0 or (done[prev_rid].finish or 0.0) > rec.arrival:  # a user who did not wait
+            continue
+        prev = by_rid[prev_rid]
+        history = prev.prompt_len + prev.output_len
+        # nothing is evicted from this big pool; the last answer token has no KV (never fed back)
+        assert rec.cached_tokens == history - 1, rid
+        assert res.cached_tokens < history - 1  # arbitrary answer tokens: only the old prompt matches
+        later += 1
+    assert later > 5
 
 
 def test_gamma_arrivals_have_the_rate_and_cv_and_scenarios_take_the_new_workloads() -> None:

@@ -32,7 +32,7 @@ from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, PolicyConfig, make_po
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 from radixfair.sim.cost_model import CostModel
-from radixfair.sim.trace import VOCAB_LO, VOCAB_SIZE, TraceRecord
+from radixfair.sim.trace import VOCAB_LO, VOCAB_SIZE, TraceRecord, group_tokens
 
 ROUTINGS = ("round-robin",)
 _DONE, _ARRIVE = 0, 1  # at equal times a finishing batch frees its KV before arrivals are queued
@@ -118,6 +118,7 @@ class Simulator:
         self._events: list[ServiceEvent] = []
         self._rr = 0
         self._ran = False
+        self._answers: dict[int, list[int]] = {}  # trace index -> its output_group stream
 
     def _push(self, t: float, kind: int, payload: int) -> None:
         heapq.heappush(self._heap, (t, kind, next(self._seq), payload))
@@ -198,15 +199,24 @@ class Simulator:
             self._finish[i] = self.now
 
     def _tokens(self, batch: ScheduledBatch) -> list[int]:
-        """A token per sampling request, a pure function of (seed, request, position): replayable,
-        and never EOS (the requests ignore it anyway; the trace fixes every output length)."""
+        """A token per sampling request: the record's `output_group` stream where it names one (so a
+        later turn quoting the answer hits the cache), else a pure function of (seed, request,
+        position). Replayable either way, and never EOS (the trace fixes every output length)."""
         span = self.config.vocab_size - VOCAB_LO
         out: list[int] = []
         for req, s in zip(batch.reqs, batch.sample, strict=True):
             if not s:
                 out.append(-1)
                 continue
-            h = (self._index[id(req)] * 0x9E3779B1 + len(req.output_ids) * 0x85EBCA77
+            i = self._index[id(req)]
+            rec = self.trace[i]
+            if rec.output_group:
+                stream = self._answers.get(i)
+                if stream is None:
+                    stream = self._answers[i] = group_tokens(rec.output_group, rec.output_len, self.config.vocab_size)
+                out.append(stream[min(len(req.output_ids), len(stream) - 1)])
+                continue
+            h = (i * 0x9E3779B1 + len(req.output_ids) * 0x85EBCA77
                  + self.config.seed * 0xC2B2AE3D) & 0xFFFFFFFF
             out.append(VOCAB_LO + (h ^ (h >> 15)) % span)
         return out

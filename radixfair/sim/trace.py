@@ -31,6 +31,10 @@ class TraceRecord:
     segments: tuple[tuple[str, int], ...] = ()  # (prefix group, tokens) expanded in order
     prompt: tuple[int, ...] | None = None  # explicit token ids; when given, segments are unused
     rid: str = ""
+    # the token stream the simulator's stand-in executor answers with (`group_tokens(output_group,
+    # output_len)`); a later record that quotes the answer as a segment of that name then finds it in
+    # the cache, as a chat client sending back the model's own reply does. "": arbitrary tokens.
+    output_group: str = ""
 
     def __post_init__(self) -> None:
         if self.prompt is None and not self.segments:
@@ -57,6 +61,8 @@ class TraceRecord:
             d["prompt"] = list(self.prompt)
         else:
             d["segments"] = [[g, n] for g, n in self.segments]
+        if self.output_group:
+            d["output_group"] = self.output_group
         return d
 
     @classmethod
@@ -64,7 +70,8 @@ class TraceRecord:
         prompt = d.get("prompt")
         return cls(time=float(d["time"]), client=str(d["client"]), output_len=int(d["output_len"]),
                    segments=tuple((str(g), int(n)) for g, n in d.get("segments", ())),
-                   prompt=None if prompt is None else tuple(int(x) for x in prompt), rid=str(d.get("rid", "")))
+                   prompt=None if prompt is None else tuple(int(x) for x in prompt), rid=str(d.get("rid", "")),
+                   output_group=str(d.get("output_group", "")))
 
 
 def group_tokens(group: str, n: int, vocab_size: int = VOCAB_SIZE) -> list[int]:
@@ -248,9 +255,11 @@ def _chat(cfg: TraceConfig, rng: np.random.Generator, i: int, client: str) -> li
             rid = f"{cid}-{turn}"
             segments = (*segments, (f"u/{cfg.seed}/{rid}", _draw(rng, cfg.question_len)))
             n_out = _draw(rng, cfg.output_len)
-            out.append(TraceRecord(time=round(t, 6), client=client, output_len=n_out, segments=segments, rid=rid))
+            answer = f"a/{cfg.seed}/{rid}"
+            out.append(TraceRecord(time=round(t, 6), client=client, output_len=n_out, segments=segments, rid=rid,
+                                   output_group=answer))
             # the next turn's history holds this turn's answer (its token stream stands for the output)
-            segments = (*segments, (f"a/{cfg.seed}/{rid}", n_out))
+            segments = (*segments, (answer, n_out))
             t += n_out * cfg.token_time + (float(rng.exponential(cfg.think_time)) if cfg.think_time else 0.0)
     return out
 
