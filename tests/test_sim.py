@@ -255,6 +255,18 @@ def test_misbehave_s2_rows_per_workload_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "s2.png").stat().st_size > 1000
 
 
+def test_quantum_sweep_rows_and_tradeoff_plot(tmp_path: Path) -> None:
+    from radixfair.bench.sim_bench import plot_quantum_sweep
+
+    scen = get_scenario("quantum-sweep")
+    scen = replace(scen, trace=replace(scen.trace, duration=4.0, num_clients=4), window=2.0)
+    rows = run_scenario(scen, load_profile("a100-llama3.1-8b"))
+    assert [r["policy"] for r in rows] == ["lpm", "vtc", "dlpm Q=256", "dlpm Q=1024", "dlpm Q=4096", "dlpm Q=16384"]
+    assert [r["dlpm_quantum"] for r in rows[2:]] == [256.0, 1024.0, 4096.0, 16384.0]
+    plot_quantum_sweep(rows, str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").stat().st_size > 1000
+
+
 def test_clients_scale_rows_per_count_and_plot(tmp_path: Path) -> None:
     from radixfair.bench.sim_bench import plot_client_scale
 

@@ -79,6 +79,8 @@ def main(ns: argparse.Namespace) -> int:
     if ns.plot:
         if scenario.client_counts:
             plot_client_scale(rows, ns.plot)
+        elif scenario.name == "quantum-sweep":
+            plot_quantum_sweep(rows, ns.plot)
         else:
             from radixfair.bench.fairness_plot import plot_service_rates
 
@@ -109,6 +111,39 @@ def write_traces(scenario: Any, path: str, workers: int = 1, seed: int = 0,
         write_jsonl(target, generate(tcfg))
         out.append(str(target))
     return out
+
+
+def plot_quantum_sweep(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """quantum-sweep: throughput against fairness (Jain's index; the largest service gap between
+    backlogged clients), DLPM's quanta as a line from VTC's end to LPM's (the DLPM paper's Figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dlpm = sorted((r for r in rows if r["policy"].startswith("dlpm")), key=lambda r: r["dlpm_quantum"])
+    ends = [r for r in rows if not r["policy"].startswith("dlpm")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, key, xlabel in ((axes[0], "jain", "Jain's index (service, arrival period)"),
+                            (axes[1], "max_service_diff", "max service difference (tokens, lower is fairer)")):
+        xs = [float("nan") if r[key] is None else r[key] for r in dlpm]
+        ax.plot(xs, [r["throughput"] for r in dlpm], marker="o", color="tab:green", label="dlpm")
+        for r, x in zip(dlpm, xs, strict=True):
+            ax.annotate(f"Q={int(r['dlpm_quantum'])}", (x, r["throughput"]), textcoords="offset points",
+                        xytext=(5, -11), fontsize=8)
+        for r, color in zip(ends, ("tab:red", "tab:blue", "tab:gray", "tab:orange"), strict=False):
+            ax.scatter([float("nan") if r[key] is None else r[key]], [r["throughput"]], s=60, marker="s",
+                       color=color, label=r["policy"], zorder=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("throughput (tokens/s)")
+        ax.grid(alpha=0.3)
+    axes[1].invert_xaxis()  # fairer to the right in both panels
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['scenario']} ({rows[0]['workload']}): cost model {rows[0]['cost_model']}, "
+                 f"{rows[0]['workers']} worker(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_client_scale(rows: Sequence[dict[str, Any]], path: str) -> None:
