@@ -75,3 +75,40 @@ def test_fcfs_run_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
         assert sum(timeline["service"][c]) == pytest.approx(info["service"])
     assert sum(c["service"] for c in clients.values()) > 0
     assert png.stat().st_size > 10_000
+
+
+def test_workload_from_a_simulator_trace() -> None:
+    """A trace the simulator runs is this benchmark's workload too: same arrivals, prompts expanded for
+    the model's vocabulary, the busiest client as the heavy one, rates as the trace holds them."""
+    from radixfair.bench.fairness_workload import workload_from_trace
+    from radixfair.sim.trace import TraceConfig, generate
+
+    trace = generate(TraceConfig(workload="judge", num_clients=3, duration=20, rate=0.5, heavy_factor=3,
+                                 doc_len=(40, 60), candidate_len=(5, 9), output_len=(3, 6)))
+    wl = workload_from_trace(trace, vocab_size=500)
+    assert [(a.time, a.client, a.max_new_tokens) for a in wl.arrivals] == [
+        (r.time, r.client, r.output_len) for r in trace]
+    assert all(a.input_ids == r.input_ids(500) for a, r in zip(wl.arrivals, trace, strict=True))
+    assert wl.clients == ("c0", "c1", "c2") and wl.heavy_client == "c0"
+    span = wl.config.duration
+    assert wl.rate_of("c0") == pytest.approx(sum(r.client == "c0" for r in trace) / span)
+    cut = workload_from_trace(trace, vocab_size=500, duration=5.0)
+    assert cut.config.duration == 5.0 and all(a.time < 5.0 for a in cut.arrivals) and len(cut.arrivals) < len(trace)
+    with pytest.raises(ValueError, match="before"):
+        workload_from_trace(trace, vocab_size=500, duration=1e-6)
+
+
+def test_trace_run_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+    from radixfair.sim.trace import TraceConfig, generate, write_jsonl
+
+    write_jsonl(tmp_path / "t.jsonl", generate(TraceConfig(
+        workload="docqa", num_clients=2, duration=2.0, rate=2.0, doc_len=(48, 64), question_len=(4, 8),
+        output_len=(4, 6))))
+    out = tmp_path / "fair.json"
+    argv = ["bench", "fairness", "--model", str(tiny_llama), "--dtype", "float32", "--policies", "dlpm",
+            "--trace", str(tmp_path / "t.jsonl"), "--window", "0.5", "--max-total-tokens", "400",
+            "--no-progress", "--json", str(out)]
+    assert bounded(lambda: main(argv), timeout=60) == 0
+    row = json.loads(out.read_text())[0]
+    assert set(row["clients"]) == {"c0", "c1"} and row["completed"] > 0 and row["hit_rate"] > 0
+    assert row["duration"] < 2.0  # the trace's span, not the default 90 s

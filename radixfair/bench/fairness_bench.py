@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from radixfair.bench.fairness_driver import RunResult, replay
-from radixfair.bench.fairness_workload import Workload, WorkloadConfig, default_pool_tokens, make_workload
+from radixfair.bench.fairness_workload import (
+    Workload,
+    WorkloadConfig,
+    default_pool_tokens,
+    make_workload,
+    workload_from_trace,
+)
 from radixfair.bench.report import print_table, write_json
 from radixfair.metrics import as_plain, fairness_report
 
@@ -176,18 +182,27 @@ def main(ns: argparse.Namespace) -> int:
     from radixfair.engine.loader import inspect_model
 
     policies = parse_policies(ns.policies)
-    cfg = WorkloadConfig(num_clients=ns.clients, duration=ns.duration, rate=ns.rate,
-                         heavy_factor=ns.heavy_factor, doc_len=ns.doc_len, question_len=ns.question_len,
-                         output_len=ns.output_len, seed=ns.seed)
+    vocab = inspect_model(ns.model).config.vocab_size
+    if ns.trace:
+        from radixfair.sim.trace import read_jsonl
+
+        wl = workload_from_trace(read_jsonl(ns.trace), vocab, ns.duration)
+    else:
+        wl = make_workload(WorkloadConfig(
+            num_clients=ns.clients, duration=ns.duration if ns.duration is not None else WorkloadConfig().duration,
+            rate=ns.rate, heavy_factor=ns.heavy_factor, doc_len=ns.doc_len, question_len=ns.question_len,
+            output_len=ns.output_len, seed=ns.seed), vocab)
+    cfg = wl.config
+    ns.duration = cfg.duration  # the driver and the progress bar read it
     if ns.window <= 0 or ns.window > ns.duration:
-        raise ValueError(f"--window must be in (0, --duration], got {ns.window}")
-    wl = make_workload(cfg, inspect_model(ns.model).config.vocab_size)
+        raise ValueError(f"--window must be in (0, {ns.duration:g}] (the run's duration), got {ns.window}")
     pool = ns.max_total_tokens or default_pool_tokens(cfg)
     kw = engine_kwargs(ns, pool)
-    print(f"{len(wl.arrivals)} requests in {ns.duration:g} s from {ns.clients} clients "
-          f"({wl.heavy_client} at {wl.rate_of(wl.heavy_client):g}/s, the rest at {ns.rate:g}/s); documents "
-          f"{cfg.doc_len[0]}-{cfg.doc_len[1]} tokens, KV pool {pool} tokens, DLPM quantum {ns.dlpm_quantum:g}; "
-          f"cut off at {ns.duration:g} s (no drain)")
+    light = f"the rest at {cfg.rate:.3g}/s" + (" on average" if ns.trace else "")
+    print(f"{len(wl.arrivals)} requests in {ns.duration:g} s from {len(wl.clients)} clients "
+          f"({wl.heavy_client} at {wl.rate_of(wl.heavy_client):.3g}/s, {light}); prompts "
+          f"{cfg.doc_len[0]}-{cfg.doc_len[1]} tokens{' (with questions)' if ns.trace else ''}, KV pool {pool} "
+          f"tokens, DLPM quantum {ns.dlpm_quantum:g}; cut off at {ns.duration:g} s (no drain)")
     rows = []
     t = time.perf_counter()
     for policy in policies:
@@ -213,7 +228,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list (default {DEFAULT_POLICIES})")
     p.add_argument("--clients", type=int, default=d.num_clients)
-    p.add_argument("--duration", type=float, default=d.duration, help="seconds of arrivals per policy; then cut off")
+    p.add_argument("--duration", type=float, default=None,
+                   help=f"seconds of arrivals per policy; then cut off (default {d.duration:g}; with --trace, its span)")
+    p.add_argument("--trace", default=None, metavar="JSONL",
+                   help="replay a simulator trace (`bench sim --trace-out`) instead of the built-in workload; "
+                        "--clients, --rate, --heavy-factor and the length ranges then do not apply")
     p.add_argument("--rate", type=float, default=d.rate, help="requests/s of each well-behaved client")
     p.add_argument("--heavy-factor", type=float, default=d.heavy_factor, help="rate multiple of client c0")
     p.add_argument("--doc-len", type=_range, default=d.doc_len, help="document tokens, LO,HI")

@@ -3,14 +3,19 @@
 Each client owns one document and asks many short questions about it, so every request of a client
 shares the document as its prefix; different clients share nothing. Arrivals are open-loop Poisson
 per client, and one misbehaving client (S1 in the design) sends `heavy_factor` times the others' rate.
-Pure numpy: the same seed gives the same trace for every policy.
+Pure numpy: the same seed gives the same trace for every policy. `workload_from_trace` takes a
+simulator trace instead (any of its workloads), so one JSONL file runs in the simulator and here.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from radixfair.sim.trace import TraceRecord
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,11 @@ class Workload:
     heavy_client: str
     documents: dict[str, list[int]]
     arrivals: list[Arrival]  # sorted by time
+    rates: dict[str, float] | None = None  # measured per-client rates (a replayed trace); None: from config
 
     def rate_of(self, client: str) -> float:
+        if self.rates is not None:
+            return self.rates.get(client, 0.0)
         factor = self.config.heavy_factor if client == self.heavy_client else 1.0
         return self.config.rate * factor
 
@@ -81,6 +89,32 @@ def make_workload(cfg: WorkloadConfig, vocab_size: int) -> Workload:
             t += float(rng.exponential(1.0 / rate))
     arrivals.sort(key=lambda a: (a.time, a.client))
     return Workload(cfg, clients, heavy, documents, arrivals)
+
+
+def workload_from_trace(records: Sequence[TraceRecord], vocab_size: int, duration: float | None = None) -> Workload:
+    """A simulator trace (`bench sim --trace-out`) as this benchmark's workload: its arrivals up to
+    `duration` (default: the trace's span), prompts expanded for this model's vocabulary. The client
+    sending the most requests is the heavy one; rates are what the trace holds."""
+    if not records:
+        raise ValueError("the trace has no records")
+    span = max(r.time for r in records)
+    duration = duration if duration is not None else span + 1e-9
+    kept = [r for r in records if r.time < duration]
+    if not kept:
+        raise ValueError(f"no trace record arrives before {duration:g} s")
+    counts = Counter(r.client for r in kept)
+    clients = tuple(sorted(counts))
+    arrivals = sorted((Arrival(r.time, r.client, r.input_ids(vocab_size), r.output_len) for r in kept),
+                      key=lambda a: (a.time, a.client))
+    documents = {c: next(a.input_ids for a in arrivals if a.client == c) for c in clients}
+    heavy = max(clients, key=lambda c: (counts[c], c == clients[0]))
+    rates = {c: counts[c] / duration for c in clients}
+    light = [rates[c] for c in clients if c != heavy] or [rates[heavy]]
+    lens = [len(a.input_ids) for a in arrivals]
+    cfg = WorkloadConfig(num_clients=len(clients), duration=duration, rate=float(np.mean(light)),
+                         heavy_factor=rates[heavy] / float(np.mean(light)), doc_len=(min(lens), max(lens)),
+                         output_len=(min(a.max_new_tokens for a in arrivals), max(a.max_new_tokens for a in arrivals)))
+    return Workload(cfg, clients, heavy, documents, arrivals, rates)
 
 
 def default_pool_tokens(cfg: WorkloadConfig, docs_resident: int = 3, room: int = 2048) -> int:
