@@ -48,10 +48,11 @@ def test_cost_model_formula() -> None:
         rows=np.zeros(len(prefix), np.int64), prefix_lens=np.asarray(prefix, np.int64),
         extend_lens=np.asarray(extend, np.int64), sample=[True] * len(prefix))
     # prefill: 30 new tokens after 100 cached and 20 with nothing cached: 50 tokens, 2 sequences,
-    # causal pairs 30 * 100 + 30 * 31 / 2 + 20 * 21 / 2 = 3675; no decode terms
+    # causal pairs 30 * 100 + 30 * 31 / 2 + 20 * 21 / 2 = 3675; no decode-only terms
     pre = mk(BatchMode.PREFILL, [100, 0], [30, 20])
-    assert batch_features(pre) == BatchFeatures(prefill_tokens=50, prefill_seqs=2, attn_pairs=3675)
-    assert cm.batch_time(pre) == pytest.approx(0.5 + 0.01 * 50 + 0.2 * 2 + 1e-4 * 3675)
+    # (the cached 100 are read from the pool)
+    assert batch_features(pre) == BatchFeatures(prefill_tokens=50, prefill_seqs=2, attn_pairs=3675, kv_tokens_read=100)
+    assert cm.batch_time(pre) == pytest.approx(0.5 + 0.01 * 50 + 0.2 * 2 + 1e-4 * 3675 + 0.001 * 100)
     # decode: 3 requests, seq lens 11 + 21 + 31 = 63
     dec = mk(BatchMode.DECODE, [10, 20, 30], [1, 1, 1])
     assert batch_features(dec) == BatchFeatures(decode_reqs=3, kv_tokens_read=63)
@@ -295,7 +296,8 @@ def test_nonnegative_fit_recovers_a_cost_model() -> None:
             ext = rng.integers(16, 512, seqs)
             prefix = rng.integers(0, 1024, seqs) * (rng.random(seqs) < 0.5)
             pairs = int((ext * prefix).sum() + (ext * (ext + 1) // 2).sum())
-            f = BatchFeatures(prefill_tokens=int(ext.sum()), prefill_seqs=seqs, attn_pairs=pairs)
+            f = BatchFeatures(prefill_tokens=int(ext.sum()), prefill_seqs=seqs, attn_pairs=pairs,
+                              kv_tokens_read=int(prefix.sum()))
         else:
             b = int(rng.integers(1, 16))
             f = BatchFeatures(decode_reqs=b, kv_tokens_read=b * int(rng.integers(32, 600)))

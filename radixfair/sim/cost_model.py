@@ -7,7 +7,8 @@ plus Python/launch overhead), `b` the compute per prompt token (the linear layer
 cost in a prefill pass (its own attention call and gathers), `g` the attention compute per causal
 (query, key) pair of a prefill — what makes a question over a long cached document cost more than
 the same question alone —, `c` the per-request cost of a decode step (sampling, per-row work), `e` the
-cost of reading one token's K and V in decode attention (each request reads its whole sequence).
+cost of reading one token's K and V from the pool (a decode step reads every sequence whole; a prefill
+reads the cached prefixes it extends).
 
 Profiles are JSON files in `profiles/`; each says where its numbers come from in `"source"`, because a
 simulated result is only as good as its cost model and a reader must be able to judge it. `f` and `g`
@@ -37,7 +38,7 @@ class BatchFeatures(NamedTuple):
     prefill_seqs: int = 0  # sequences in a prefill pass
     attn_pairs: int = 0  # causal (query, key) pairs of a prefill: extend * (prefix + (extend + 1) / 2)
     decode_reqs: int = 0  # requests in a decode pass
-    kv_tokens_read: int = 0  # decode: the sum of the batch's sequence lengths
+    kv_tokens_read: int = 0  # K/V read from the pool: decode, the sequence lengths; prefill, the cached prefixes
 
     def vector(self) -> tuple[float, ...]:
         """The design-matrix row, in `COEFFICIENTS` order (1 for the constant)."""
@@ -51,7 +52,7 @@ class CostModel:
     a: float  # s per pass
     b_prefill_token: float  # s per prompt token computed in a prefill pass
     c_decode_req: float  # s per request in a decode pass
-    e_kv_token: float  # s per KV token read in a decode pass (sum of the batch's sequence lengths)
+    e_kv_token: float  # s per token of K/V read from the pool (see BatchFeatures.kv_tokens_read)
     source: str  # where the numbers come from
     f_prefill_seq: float = 0.0  # s per sequence in a prefill pass
     g_attn_pair: float = 0.0  # s per causal (query, key) pair computed in a prefill pass
@@ -99,7 +100,8 @@ def batch_features(batch: ScheduledBatch) -> BatchFeatures:
         ext = batch.extend_lens
         # a causal kernel computes each query against the cached prefix and the earlier new tokens
         pairs = int((ext * batch.prefix_lens).sum() + (ext * (ext + 1) // 2).sum())
-        return BatchFeatures(prefill_tokens=batch.num_tokens, prefill_seqs=len(batch.reqs), attn_pairs=pairs)
+        return BatchFeatures(prefill_tokens=batch.num_tokens, prefill_seqs=len(batch.reqs), attn_pairs=pairs,
+                             kv_tokens_read=int(batch.prefix_lens.sum()))
     return BatchFeatures(decode_reqs=len(batch.reqs), kv_tokens_read=int(batch.seq_lens.sum()))
 
 
