@@ -404,3 +404,19 @@ def test_sglang_frontend_null_and_empty_fields_are_accepted() -> None:
     assert sp.max_new_tokens == 4 and sp.stop == []
     with pytest.raises(ValueError, match="stop_regex"):
         SamplingParams.from_dict({"stop_regex": ["x+"]})
+
+
+def test_categorical_inverse_cdf_draws() -> None:
+    """The sampler's draw: the row's distribution (unnormalized is fine), never a zero-probability
+    token, and the two ends of u land on the first and last tokens that can be drawn."""
+    from radixfair.engine.sampler import categorical
+
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0]])  # -> 0.5, 0.25, 0.25 at 1, 3, 4
+    u = torch.tensor([0.0, 0.4999, 0.5001, 0.7499, 0.7501, 1.0 - 1e-7])
+    assert categorical(probs.expand(6, -1), u).tolist() == [1, 1, 3, 3, 4, 4]
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    got = Counter(categorical(probs.expand(n, -1), torch.rand(n, generator=gen)).tolist())
+    assert set(got) == {1, 3, 4}
+    for tok, p in ((1, 0.5), (3, 0.25), (4, 0.25)):
+        assert abs(got[tok] / n - p) < 0.01  # ~4.5 standard deviations
