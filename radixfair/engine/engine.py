@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
 from radixfair.engine.loader import inspect_model, load_state_dict, open_gguf
 from radixfair.engine.model_runner import (
     ModelRunner,
@@ -115,6 +116,8 @@ class Engine:
             Tokenizer.from_gguf(open_gguf(files.path)) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
         )
         self.device = select_device(args.device)
+        if self.device.type == "cpu":
+            tune_malloc_for_cpu_inference()
         self.dtype = select_dtype(args.dtype, self.device, files.config)
         state = load_state_dict(files, self.dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
