@@ -273,6 +273,30 @@ def test_streaming_yields_growing_prefixes(engine: Engine, reference: list[list[
         assert b[: len(a)] == a
 
 
+def test_a_non_streaming_request_gets_only_its_final_output(engine: Engine) -> None:
+    """Per-step result dicts are built only for streaming callers; a blocking or non-streaming async
+    request hears once, when it finishes, with the same result as a stream's last chunk."""
+    import asyncio
+
+    params = greedy(12)
+    chunks = collect(engine.generate(input_ids=SHORT[0], sampling_params=params, stream=True))
+    assert len(chunks) >= 2
+    req = engine.make_requests(None, params, SHORT[0])[0]
+    q = engine._submit(req, stream=False)
+    outs = [bounded(q.get, timeout=TIMEOUT)]
+    assert outs[0]["finished"] and q.empty()
+
+    async def drain(stream: bool) -> list[dict[str, Any]]:
+        r = engine.make_requests(None, params, SHORT[0])[0]
+        return [o async for o in engine.async_generate(r, stream=stream)]
+
+    finals = bounded(asyncio.run, drain(False), timeout=TIMEOUT)
+    steps = bounded(asyncio.run, drain(True), timeout=TIMEOUT)
+    assert len(finals) == 1 and len(steps) == len(chunks)
+    for out in (outs[0], finals[0], steps[-1]):
+        assert out["output_ids"] == chunks[-1]["output_ids"] and out["text"] == chunks[-1]["text"]
+
+
 def test_abort_by_closing_the_stream_frees_the_slots(engine: Engine) -> None:
     it = engine.generate(input_ids=SHORT[1], sampling_params=greedy(1500), stream=True)
     for _ in range(3):

@@ -177,31 +177,25 @@ def synthetic_workload(engine: Any, seed: int = 0, part: int | None = None) -> N
         engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": new, "ignore_eos": True,
                                                             "temperature": 0.0})
 
-    halves: list[list[Any]] = [[], []]
+    # (prompt lengths of one generate call, cached prefix length, new tokens), split into two halves
+    # that each hold every kind of pass
+    halves: list[list[tuple[list[int], int, int]]] = [[], []]
     for j, n in enumerate((16, 48, 96, 160, 256, 384, 512)):  # prefill only
-        halves[j % 2].append(([n], 0, 1, 1))
+        halves[j % 2].append(([n], 0, 1))
     for j, n in enumerate((16, 64, 128, 256)):  # over a cached prefix: attention reads past the new tokens
-        halves[j % 2].append(([n], 512, 1, 1))
+        halves[j % 2].append(([n], 512, 1))
     for j, b in enumerate((2, 4, 6, 8)):  # several questions over one cached document, one prefill
-        halves[j % 2].append(([24 + 8 * i for i in range(b)], 512, 1, 1))
+        halves[j % 2].append(([24 + 8 * i for i in range(b)], 512, 1))
     for j, (b, n) in enumerate(itertools.product((1, 4, 8, 16), (32, 256))):
-        halves[j % 2].append(([n] * b, 0, 12, 1))
-    halves[0].append(([1024] * 4, 0, 12, 1))
-    halves[1].append(([512] * 8, 0, 12, 1))
+        halves[j % 2].append(([n] * b, 0, 12))
+    halves[0].append(([1024] * 4, 0, 12))
+    halves[1].append(([512] * 8, 0, 12))
     for h in (0, 1) if part is None else (part,):
-        for lens, prefix, new, _ in halves[h]:
+        for lens, prefix, new in halves[h]:
             shared = ids(prefix)
             if prefix:
                 run([shared], 1)  # cache the document first
             run([shared + ids(n) for n in lens], new)
-
-
-def calibrate_engine(engine: Any, seed: int = 0, warmup: bool = True) -> list[PassSample]:
-    if warmup:  # first passes pay one-off allocation and dispatch costs
-        engine.generate(input_ids=[[7] * 24, [8] * 40], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
-    with record_passes(engine) as samples:
-        synthetic_workload(engine, seed)
-    return list(samples)
 
 
 def describe_engine(engine: Any) -> str:
