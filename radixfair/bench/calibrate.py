@@ -303,13 +303,6 @@ def compare(trace: Sequence[Any], reals: Sequence[RealRun], sim: Any, cost_model
             "cost_model_rel_error": (predicted - measured) / measured if measured > 0 else float("nan")}
 
 
-def sim_vs_real(engine: Any, cost_model: CostModel, trace: Sequence[Any], rounds: int = 1) -> dict[str, float]:
-    """Replay `trace` `rounds` times on the real engine and once in the simulator with `cost_model`;
-    see `compare`."""
-    reals = [replay(engine, trace) for _ in range(rounds)]
-    return compare(trace, reals, simulate(engine, cost_model, trace), cost_model)
-
-
 # ---- command line ------------------------------------------------------------------------------
 
 

@@ -150,10 +150,9 @@ class Engine:
             policy,
         )
         self._inbox: queue.Queue[Any] = queue.Queue()
-        self._outputs: dict[str, Callable[[dict[str, Any]], object]] = {}
-        # rids whose callers want every step's output; the others get only their final result, so a
-        # non-streaming request costs no per-step result dict and wakes no waiting thread per token
-        self._streaming: set[str] = set()
+        # rid -> its submission (sink, stream): a non-streaming request gets only its final result,
+        # so it costs no per-step result dict and wakes no waiting thread per token
+        self._outputs: dict[str, _Submit] = {}
         self._stopped = False
         self.last_invariant: tuple[int, int, int] | None = None
         self.invariant_violations = 0
@@ -390,9 +389,7 @@ class Engine:
                     if req.rid in self._outputs:
                         raise ValueError(f"duplicate request id {req.rid!r}: it is already in use")
                     self.scheduler.add_request(req)
-                    self._outputs[req.rid] = item.sink
-                    if item.stream:
-                        self._streaming.add(req.rid)
+                    self._outputs[req.rid] = item
                 except ValueError as e:
                     # answer through this request's own sink: an existing request with the same
                     # rid keeps its sink
@@ -445,7 +442,7 @@ class Engine:
         for req in batch.reqs:
             if id(req) in done:
                 self._finish(req)
-            elif req.output_ids and req.rid in self._streaming:
+            elif req.output_ids and (sub := self._outputs.get(req.rid)) is not None and sub.stream:
                 self._emit(req, False)
 
     def _finish(self, req: Req) -> None:
@@ -453,13 +450,12 @@ class Engine:
         self._emit(req, True)
 
     def _emit(self, req: Req, finished: bool) -> None:
-        cb = self._outputs.get(req.rid)
-        if cb is None:
+        sub = self._outputs.get(req.rid)
+        if sub is None:
             return
         if finished:
             self._outputs.pop(req.rid, None)
-            self._streaming.discard(req.rid)
-        cb(self.result_dict(req, finished))
+        sub.sink(self.result_dict(req, finished))
 
     def result_dict(self, req: Req, finished: bool) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -499,11 +495,10 @@ class Engine:
                 raise
 
     def _fail_all(self, message: str) -> None:
-        for rid, cb in list(self._outputs.items()):
-            cb({"finished": True, "text": "", "output_ids": [], "meta_info": {
+        for rid, sub in list(self._outputs.items()):
+            sub.sink({"finished": True, "text": "", "output_ids": [], "meta_info": {
                 "id": rid, "finish_reason": {"type": "abort", "message": message}}})
         self._outputs.clear()
-        self._streaming.clear()
 
 
 def _lp(x: TokenLogprob) -> tuple[float | None, int, None]:
