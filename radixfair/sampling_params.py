@@ -1,9 +1,12 @@
-"""Per-request sampling parameters with SGLang's names, validated on construction."""
+"""Per-request sampling parameters with SGLang's names, validated on construction and immutable
+after it (the engine derives a clipped copy rather than changing a caller's object)."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 # Keep room for models with 128k context; the engine checks against its own limits too.
@@ -11,7 +14,7 @@ MAX_NEW_TOKENS_LIMIT = 1 << 20
 GREEDY_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
     min_new_tokens: int = 0
@@ -22,8 +25,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: str | Sequence[str] = ()  # stored as a tuple
+    stop_token_ids: Sequence[int] = ()  # stored as a tuple
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
@@ -31,8 +34,11 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        for name, value in (("stop", stop), ("stop_token_ids", self.stop_token_ids)):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name}: must be a list (got {value!r})")
+            object.__setattr__(self, name, tuple(value))
         self.validate()
 
     @classmethod
@@ -52,7 +58,14 @@ class SamplingParams:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    @cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        return frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -89,11 +102,16 @@ class SamplingParams:
               "must be in [-2, 2]")
         check(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2, "repetition_penalty",
               "must be in (0, 2]")
-        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+        check(all(isinstance(s, str) and s for s in self.stop), "stop",
               "must be a non-empty string or a list of non-empty strings")
         check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
-        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+        check(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of token ids >= 0")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
+        check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "must be a boolean")
+        # special tokens are decoded as a fast tokenizer does (no spaces added around them), which is
+        # what `true` gives with fast tokenizers in SGLang and transformers; `false` asks for more
+        check(self.spaces_between_special_tokens is True, "spaces_between_special_tokens",
+              "only true is supported: special tokens are decoded as fast tokenizers decode them")
         check(is_int(self.n) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from radixfair.cache.allocator import SlotAllocator, SlotArray
+from radixfair.sched.request import Req
+from radixfair.sched.scheduler import SchedulerConfig, fit_max_new_tokens
 
 
 class TrackingAllocator(SlotAllocator):
@@ -54,3 +56,12 @@ def bounded(fn: Callable[..., Any], *args: Any, timeout: float = 60.0, **kwargs:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def fit(req: Req, config: SchedulerConfig) -> None:
+    """What the engine does before it queues a request: refuse what can never be served (ValueError)
+    and clip max_new_tokens to the context."""
+    sp = req.sampling_params
+    fitted = fit_max_new_tokens(len(req.origin_input_ids), sp.max_new_tokens, config)
+    if fitted != sp.max_new_tokens:
+        req.sampling_params = sp.replace(max_new_tokens=fitted, min_new_tokens=min(sp.min_new_tokens, fitted))

@@ -7,6 +7,7 @@ Every blocking call goes through `bounded()`, so a hung engine fails the test in
 from __future__ import annotations
 
 import itertools
+import queue
 import random
 import string
 import threading
@@ -22,6 +23,8 @@ from helpers import bounded as _bounded
 from tiny_models import load_hf
 
 from radixfair.engine.engine import Engine
+from radixfair.io_struct import EngineOutput, EngineRequest, RequestResult
+from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchMode, ScheduledBatch
 
 TIMEOUT = 60.0
@@ -67,7 +70,7 @@ def assert_idle_pool(engine: Engine) -> tuple[int, int, int]:
         assert (free, evictable) == (engine.max_total_tokens, 0)
     assert engine.invariant_violations == 0
     stats = engine.get_stats()
-    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats.running == 0 and stats.waiting == 0
     return free, evictable, protected
 
 
@@ -191,10 +194,10 @@ def test_engine_configurations_give_identical_outputs(
             assert max(len(ext) for _, ext in rec.batches) <= 2
         stats = eng.get_stats()
         if config.get("disable_radix_cache"):
-            assert stats["cached_tokens"] == 0
-            assert stats["prefill_tokens"] == 2 * sum(len(p) for p in PROMPTS)
+            assert stats.cached_tokens == 0
+            assert stats.prefill_tokens == 2 * sum(len(p) for p in PROMPTS)
         else:
-            assert stats["cached_tokens"] == sum(len(p) - 1 for p in PROMPTS)
+            assert stats.cached_tokens == sum(len(p) - 1 for p in PROMPTS)
         assert_idle_pool(eng)
     finally:
         eng.shutdown()
@@ -224,8 +227,8 @@ def test_retraction_under_a_tiny_pool(tiny_llama: Path, engine: Engine, disable:
     try:
         got = run_batch(small, prompts, [40] * 8)
         assert got == want
-        assert small.get_stats()["retractions"] > 0
-        assert small.get_stats()["decode_tokens"] == 8 * 40
+        assert small.get_stats().retractions > 0
+        assert small.get_stats().decode_tokens == 8 * 40
         assert_idle_pool(small)
         # and it keeps serving
         assert run_batch(small, prompts[:2], [40, 40]) == want[:2]
@@ -257,6 +260,10 @@ def collect(it: Iterator[dict[str, Any]], timeout: float = TIMEOUT) -> list[dict
     return bounded(list, it, timeout=timeout)  # type: ignore[no-any-return]
 
 
+def finished(out: dict[str, Any]) -> bool:
+    return out["meta_info"]["finish_reason"] is not None
+
+
 def test_streaming_yields_growing_prefixes(engine: Engine, reference: list[list[int]]) -> None:
     prompt, n = SHORT[2], SHORT_NEW[2]
     full = gen(engine, input_ids=prompt, sampling_params=greedy(n))
@@ -265,7 +272,7 @@ def test_streaming_yields_growing_prefixes(engine: Engine, reference: list[list[
     texts = [c["text"] for c in chunks]
     for a, b in itertools.pairwise(texts):
         assert b.startswith(a)
-    assert [c["finished"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [finished(c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1]["text"] == full["text"]
     assert chunks[-1]["output_ids"] == full["output_ids"] == reference[2]
     ids = [c["output_ids"] for c in chunks]
@@ -281,26 +288,31 @@ def test_a_non_streaming_request_gets_only_its_final_output(engine: Engine) -> N
     params = greedy(12)
     chunks = collect(engine.generate(input_ids=SHORT[0], sampling_params=params, stream=True))
     assert len(chunks) >= 2
-    req = engine.make_requests(None, params, SHORT[0])[0]
-    q = engine._submit(req, stream=False)
-    outs = [bounded(q.get, timeout=TIMEOUT)]
-    assert outs[0]["finished"] and q.empty()
+    def request(stream: bool) -> EngineRequest:
+        return EngineRequest(input_ids=SHORT[0], sampling_params=SamplingParams(**params), stream=stream)
 
-    async def drain(stream: bool) -> list[dict[str, Any]]:
-        r = engine.make_requests(None, params, SHORT[0])[0]
-        return [o async for o in engine.async_generate(r, stream=stream)]
+    q: queue.Queue[EngineOutput] = queue.Queue()
+    engine.submit(engine.tokenize(request(False)), q.put)
+    outs = [bounded(q.get, timeout=TIMEOUT)]
+    assert outs[0].finished and q.empty()
+
+    async def drain(stream: bool) -> list[EngineOutput]:
+        return [o async for o in engine.generate_async(request(stream))]
 
     finals = bounded(asyncio.run, drain(False), timeout=TIMEOUT)
     steps = bounded(asyncio.run, drain(True), timeout=TIMEOUT)
     assert len(finals) == 1 and len(steps) == len(chunks)
-    for out in (outs[0], finals[0], steps[-1]):
-        assert out["output_ids"] == chunks[-1]["output_ids"] and out["text"] == chunks[-1]["text"]
+    for seq in (outs, finals, steps):
+        res = RequestResult(seq[0].rid)
+        for out in seq:
+            res.add(out)
+        assert res.finished and res.output_ids == chunks[-1]["output_ids"] and res.text == chunks[-1]["text"]
 
 
 def test_abort_by_closing_the_stream_frees_the_slots(engine: Engine) -> None:
     it = engine.generate(input_ids=SHORT[1], sampling_params=greedy(1500), stream=True)
     for _ in range(3):
-        assert not bounded(next, it)["finished"]
+        assert not finished(bounded(next, it))
     it.close()
     assert_idle_pool(engine)
 
@@ -312,7 +324,7 @@ def test_abort_by_rid_ends_the_stream(engine: Engine) -> None:
     engine.abort("abort-me")
     rest = collect(it)
     last = rest[-1]
-    assert last["finished"]
+    assert finished(last)
     assert last["meta_info"]["finish_reason"]["type"] == "abort"
     assert len(last["output_ids"]) < 1500
     engine.abort("abort-me")  # already gone: a no-op
@@ -328,7 +340,7 @@ def test_abort_a_blocking_generate_from_another_thread(engine: Engine) -> None:
         daemon=True,
     )
     t.start()
-    while "out" not in box and engine.get_stats()["running"] == 0:
+    while "out" not in box and engine.get_stats().running == 0:
         t.join(0.01)
     engine.abort("blocking")
     t.join(TIMEOUT)
@@ -343,7 +355,7 @@ def test_shutdown_fails_requests_in_flight(tiny_llama: Path) -> None:
     bounded(next, it)
     eng.shutdown()
     last = collect(it)[-1]
-    assert last["finished"] and last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert finished(last) and last["meta_info"]["finish_reason"]["type"] == "abort"
     with pytest.raises(RuntimeError, match="shut down"):
         eng.generate(input_ids=[5, 6], sampling_params=greedy(1))
     eng.shutdown()  # twice is fine
@@ -590,7 +602,7 @@ def test_duplicate_rid_does_not_orphan_the_running_request(engine: Engine) -> No
         assert dup["meta_info"]["finish_reason"]["type"] == "abort"
         assert "duplicate" in dup["meta_info"]["finish_reason"]["message"]
         rest = collect(it, timeout=5)
-        assert rest[-1]["finished"] and len(rest[-1]["output_ids"]) == 300
+        assert finished(rest[-1]) and len(rest[-1]["output_ids"]) == 300
     finally:
         engine.abort("twice")
         bounded(engine.wait_idle, 20.0)
@@ -617,7 +629,7 @@ def test_flush_cache_only_when_idle(engine: Engine) -> None:
     assert_idle_pool(engine)
     engine.flush_cache()
     assert engine.check_invariant() == (POOL, 0, 0)
-    assert engine.get_stats()["tree_tokens"] == 0
+    assert engine.get_stats().tree_tokens == 0
 
 
 def test_concurrent_callers(engine: Engine, reference: list[list[int]]) -> None:

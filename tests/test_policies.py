@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from helpers import TrackingAllocator, fit
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
-from test_scheduler import FakeExecutor, Trace, TrackingAllocator, check_complete, drive, prefix_hashes
+from test_scheduler import FakeExecutor, Trace, check_complete, drive, prefix_hashes
 
 from radixfair.cache.allocator import SlotAllocator
 from radixfair.cache.radix_cache import RadixCache, TreeNode
@@ -25,7 +26,7 @@ from radixfair.sched.policies import POLICIES, PolicyConfig, SchedulePolicy, mak
 from radixfair.sched.policies.dlpm import DLPMPolicy
 from radixfair.sched.policies.meter import MeteredPolicy
 from radixfair.sched.policies.vtc import VTCPolicy
-from radixfair.sched.prefix_index import PrefixIndex, walk
+from radixfair.sched.prefix_index import PrefixIndex
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -45,11 +46,8 @@ def mk(prompt: Sequence[int], max_new: int = 4, client: str = "a", rid: str | No
 
 def make_sched(policy: str | SchedulePolicy = "dlpm", config: PolicyConfig | None = None, **cfg: int) -> Scheduler:
     inner = make_policy(policy, config) if isinstance(policy, str) else policy
-    s = Scheduler(SchedulerConfig(**cfg), MeteredPolicy(inner))  # type: ignore[arg-type]
-    s.allocator = TrackingAllocator(s.config.max_total_tokens)
-    s.tree = RadixCache(s.allocator)
-    s.policy.bind(s.tree)  # the prefix index follows the swapped-in tree
-    return s
+    config = SchedulerConfig(**cfg)  # type: ignore[arg-type]
+    return Scheduler(config, MeteredPolicy(inner), allocator=TrackingAllocator(config.max_total_tokens))
 
 
 def inner(s: Scheduler) -> SchedulePolicy:
@@ -59,10 +57,10 @@ def inner(s: Scheduler) -> SchedulePolicy:
 
 def cache(s: Scheduler, seq: Sequence[int], ex: FakeExecutor | None = None) -> None:
     """Put `seq` in the tree as if a finished request had left it there (and, for `ex`, its KV)."""
-    slots = s.allocator.alloc(len(seq))
+    slots = s.kv.allocator.alloc(len(seq))
     assert slots is not None
     dup = s.tree.insert(list(seq), slots)
-    s.allocator.free(slots[:dup])
+    s.kv.allocator.free(slots[:dup])
     if ex is not None:
         held = s.tree.match_prefix(list(seq)).slots.tolist()
         ex.kv.update(zip(held, prefix_hashes(list(seq)), strict=True))
@@ -508,13 +506,13 @@ def test_prefix_index_matches_brute_force_through_inserts_splits_evictions(ops: 
             r = index.ordered()[arg % len(index)]
             anchor = index.anchor(r, tree)
             assert anchor is not None
-            got = tree.match_at(*anchor)
+            got = tree.match_prefix_at(*anchor)
             want = tree.match_prefix(r.fill_ids[: r.max_prefix_len()])  # after got's split: no new one
             assert got.last_node is want.last_node
             assert got.slots.tolist() == want.slots.tolist()
         index.check()
         for r in index.ordered():
-            brute = walk(tree, tuple(r.fill_ids[: r.max_prefix_len()]))[2]
+            brute = tree.peek(tuple(r.fill_ids[: r.max_prefix_len()])).length
             assert index.matched_len(r) == brute
         lens = [index.matched_len(r) for r in index.ordered()]
         assert lens == sorted(lens, reverse=True)
@@ -558,7 +556,7 @@ def run_fair(
             prompt = (prefixes[which][:plen] if which < 2 else []) + rng.integers(100, 300, tail).tolist()
             r = mk(prompt, max_new, client=f"c{i}")
             try:
-                s.validate(r)
+                fit(r, s.config)
             except ValueError:
                 continue
             max_input = max(max_input, len(prompt))

@@ -42,18 +42,18 @@ def test_common_prefix_is_reused_with_identical_output(engines: tuple[Engine, En
     assert ref_b["meta_info"]["cached_tokens"] == 0
     assert out_b["output_ids"] == ref_b["output_ids"]
     stats = cached.get_stats()
-    assert stats["cached_tokens"] >= 500 and 0 < stats["hit_rate"] < 1
+    assert stats.cached_tokens >= 500 and 0 < stats.hit_rate < 1
 
 
 def test_requests_arriving_together_prefill_the_shared_prefix_once(engines: tuple[Engine, Engine]) -> None:
     cached, plain = engines
     cached.flush_cache()
-    before = cached.get_stats()["prefill_tokens"]
+    before = cached.get_stats().prefill_tokens
     prefix = tokens(4, 400)
     prompts = [prefix + tokens(10 + i, 8) for i in range(6)]
     params = {"max_new_tokens": 4, **GREEDY}
     outs = cached.generate(input_ids=prompts, sampling_params=params)
-    computed = cached.get_stats()["prefill_tokens"] - before
+    computed = cached.get_stats().prefill_tokens - before
     # the prefix once, plus each request's own suffix
     assert computed <= 400 + 6 * 8 + 6, computed
     assert sum(o["meta_info"]["cached_tokens"] >= 400 for o in outs) == 5
@@ -79,7 +79,7 @@ def test_small_pool_evicts_and_completes_everything(tiny_llama: Path) -> None:
         outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 10, **GREEDY})
         assert all(o["meta_info"]["completion_tokens"] == 10 for o in outs)
         stats = engine.get_stats()
-        assert stats["evicted_tokens"] > 0
+        assert stats.evicted_tokens > 0
         engine.wait_idle()
         free, evictable, protected = engine.check_invariant()
         assert free + evictable + protected == pool and protected == 0
@@ -88,7 +88,7 @@ def test_small_pool_evicts_and_completes_everything(tiny_llama: Path) -> None:
 def test_flush_cache_empties_the_tree(engines: tuple[Engine, Engine]) -> None:
     cached, _ = engines
     cached.generate(input_ids=tokens(7, 50), sampling_params={"max_new_tokens": 2, **GREEDY})
-    assert cached.get_stats()["tree_tokens"] > 0
+    assert cached.get_stats().tree_tokens > 0
     cached.flush_cache()
     stats = cached.get_stats()
-    assert stats["tree_tokens"] == 0 and stats["free_slots"] == stats["max_total_tokens"]
+    assert stats.tree_tokens == 0 and stats.free_slots == stats.max_total_tokens

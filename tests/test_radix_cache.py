@@ -11,7 +11,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from radixfair.cache.allocator import SlotAllocator
 from radixfair.cache.bench import bench_match_prefix
-from radixfair.cache.radix_cache import RadixCache, TreeNode, _common_prefix_len
+from radixfair.cache.prefix_tree import TreeNode
+from radixfair.cache.prefix_tree import common_prefix_len as _common_prefix_len
+from radixfair.cache.radix_cache import RadixCache
 
 Key = tuple[int, ...]
 

@@ -332,7 +332,7 @@ def test_no_logprobs_unless_asked() -> None:
 def test_defaults_and_from_dict() -> None:
     assert SamplingParams.from_dict(None) == SamplingParams()
     sp = SamplingParams.from_dict({"max_new_tokens": 5, "stop": "###", "top_k": None, "temperature": 0})
-    assert sp.max_new_tokens == 5 and sp.stop == ["###"] and sp.top_k == -1 and sp.greedy
+    assert sp.max_new_tokens == 5 and sp.stop == ("###",) and sp.top_k == -1 and sp.greedy
     assert SamplingParams(top_k=1).greedy and not SamplingParams().greedy
     assert SamplingParams.from_dict(sp.to_dict()) == sp
     assert SamplingParams(presence_penalty=0.1).has_penalties and not SamplingParams().has_penalties
@@ -379,6 +379,8 @@ def test_from_dict_rejects_unknown_fields() -> None:
         ("stop_token_ids", 5),
         ("ignore_eos", "yes"),
         ("seed", 1.5),
+        ("skip_special_tokens", "no"),
+        ("spaces_between_special_tokens", False),
         ("n", 0),
         ("n", 129),
     ],
@@ -386,6 +388,14 @@ def test_from_dict_rejects_unknown_fields() -> None:
 def test_invalid_values_name_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams.from_dict({field: value})
+
+
+def test_sampling_params_are_immutable() -> None:
+    sp = SamplingParams(max_new_tokens=8, stop=["x"])
+    with pytest.raises(AttributeError):
+        sp.max_new_tokens = 4  # type: ignore[misc]
+    clipped = sp.replace(max_new_tokens=4)
+    assert (sp.max_new_tokens, clipped.max_new_tokens, clipped.stop) == (8, 4, ("x",))
 
 
 def test_boundary_values_are_accepted() -> None:
@@ -401,7 +411,7 @@ def test_sglang_frontend_null_and_empty_fields_are_accepted() -> None:
     sp = SamplingParams.from_dict(
         {"max_new_tokens": 4, "regex": None, "json_schema": None, "stop_regex": [], "stop": None}
     )
-    assert sp.max_new_tokens == 4 and sp.stop == []
+    assert sp.max_new_tokens == 4 and sp.stop == ()
     with pytest.raises(ValueError, match="stop_regex"):
         SamplingParams.from_dict({"stop_regex": ["x+"]})
 

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from helpers import TrackingAllocator
+from helpers import TrackingAllocator, fit
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from radixfair.cache.radix_cache import RadixCache
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.policies import make_policy
 from radixfair.sched.request import Req
-from radixfair.sched.scheduler import Scheduler, SchedulerConfig
+from radixfair.sched.scheduler import Scheduler, SchedulerConfig, fit_max_new_tokens
 
 
 def next_token(position: int) -> int:
@@ -35,11 +34,8 @@ def expected_output(prompt_len: int, max_new: int) -> list[int]:
 
 
 def make_scheduler(**cfg: object) -> Scheduler:
-    s = Scheduler(SchedulerConfig(**cfg), make_policy("fcfs"))  # type: ignore[arg-type]
-    # swap in a tracking allocator before anything was allocated
-    s.allocator = TrackingAllocator(s.config.max_total_tokens)
-    s.tree = RadixCache(s.allocator)
-    return s
+    config = SchedulerConfig(**cfg)  # type: ignore[arg-type]
+    return Scheduler(config, make_policy("fcfs"), allocator=TrackingAllocator(config.max_total_tokens))
 
 
 def req(prompt: list[int], max_new: int, rid: str | None = None, **sp: object) -> Req:
@@ -117,9 +113,9 @@ def conservation(s: Scheduler, holders: list[Req]) -> None:
     """Every slot is free, in the tree, or privately held by exactly one request."""
     uniq = list({id(r): r for r in holders}.values())
     private = sum(r.kv_len - r.prefix_len for r in uniq)
-    total = s.allocator.available() + s.tree.evictable_size() + s.tree.protected_size() + private
+    total = s.kv.allocator.available() + s.tree.evictable_size() + s.tree.protected_size() + private
     assert total == s.config.max_total_tokens, (
-        f"free {s.allocator.available()} + tree {s.tree.evictable_size()}+{s.tree.protected_size()} "
+        f"free {s.kv.allocator.available()} + tree {s.tree.evictable_size()}+{s.tree.protected_size()} "
         f"+ private {private} != {s.config.max_total_tokens}"
     )
     held = [int(x) for r in uniq for x in r.slots[r.prefix_len :]]
@@ -246,7 +242,7 @@ def test_second_turn_reuses_the_first_turns_prompt_and_output() -> None:
     drive(s, {0: [follow]}, ex=ex)
     # the last output token was sampled but never fed back, so its KV does not exist
     assert follow.cached_tokens == 59
-    assert s.stats.cached_tokens == 59
+    assert s.stats().cached_tokens == 59
 
 
 def test_in_batch_prefix_sharing_prefills_the_shared_prefix_once() -> None:
@@ -261,8 +257,8 @@ def test_in_batch_prefix_sharing_prefills_the_shared_prefix_once() -> None:
     assert first_prefill[1] == ["g0"], "the others wait a batch to reuse the prefix"
     for r in group[1:]:
         assert r.cached_tokens >= 200, (r.rid, r.cached_tokens)
-    assert s.stats.prefill_tokens == 210 + 3 * 10
-    assert s.stats.cached_tokens == 3 * 200
+    assert s.stats().prefill_tokens == 210 + 3 * 10
+    assert s.stats().cached_tokens == 3 * 200
 
 
 def test_in_batch_sharing_still_admits_unrelated_requests() -> None:
@@ -284,7 +280,7 @@ def test_disable_radix_cache_never_reuses() -> None:
     trace = drive(s, {0: group[:2], 5: group[2:]})
     check_complete(trace)
     assert all(r.cached_tokens == 0 for r in group)
-    assert s.stats.prefill_tokens == 3 * 105
+    assert s.stats().prefill_tokens == 3 * 105
     assert trace.batches[0][1] == [group[0].rid, group[1].rid], "no in-batch deferral without the cache"
 
 
@@ -350,9 +346,9 @@ def test_retraction_under_a_tiny_pool_completes_everything(disable: bool) -> Non
     group = [req(tokens(rng, 40), 40) for _ in range(8)]
     trace = drive(s, {0: group})
     check_complete(trace)
-    assert s.stats.retractions > 0
-    assert sum(r.num_retractions for r in group) == s.stats.retractions
-    assert s.stats.decode_tokens == 8 * 40
+    assert s.stats().retractions > 0
+    assert sum(r.num_retractions for r in group) == s.stats().retractions
+    assert s.stats().decode_tokens == 8 * 40
 
 
 def test_retraction_with_shared_prefixes_and_chunking() -> None:
@@ -362,7 +358,7 @@ def test_retraction_with_shared_prefixes_and_chunking() -> None:
     group = [req(shared + tokens(rng, int(rng.integers(1, 20))), int(rng.integers(20, 60))) for _ in range(8)]
     trace = drive(s, {0: group[:4], 10: group[4:]})
     check_complete(trace)
-    assert s.stats.retractions > 0
+    assert s.stats().retractions > 0
 
 
 def test_a_half_prefilled_chunked_request_is_retracted_before_a_running_one_is_aborted() -> None:
@@ -418,18 +414,19 @@ def test_aborted_during_a_forward_pass_finishes_once() -> None:
 
 
 def test_validation_names_the_limits() -> None:
-    s = make_scheduler(max_total_tokens=100, max_context_len=80)
+    cfg = SchedulerConfig(max_total_tokens=100, max_context_len=80)
     with pytest.raises(ValueError, match="empty"):
-        s.add_request(req([], 1))
+        fit_max_new_tokens(0, 1, cfg)
     with pytest.raises(ValueError, match="context"):
-        s.add_request(req([5] * 80, 1))
+        fit_max_new_tokens(80, 1, cfg)
     with pytest.raises(ValueError, match="max-total-tokens"):
-        make_scheduler(max_total_tokens=50, max_context_len=80).add_request(req([5] * 30, 30))
-    clipped = req([5] * 70, 30)
-    s.add_request(clipped)
-    assert clipped.sampling_params.max_new_tokens == 10, "clipped to the context like SGLang"
+        fit_max_new_tokens(30, 30, SchedulerConfig(max_total_tokens=50, max_context_len=80))
+    assert fit_max_new_tokens(70, 30, cfg) == 10, "clipped to the context like SGLang"
+    s = make_scheduler(max_total_tokens=100, max_context_len=80)
+    first = req([5] * 70, 10)
+    s.add_request(first)
     with pytest.raises(ValueError, match="duplicate"):
-        s.add_request(req([5], 1, rid=clipped.rid))
+        s.add_request(req([5], 1, rid=first.rid))
 
 
 def test_max_new_tokens_zero_finishes_at_prefill_and_caches_the_prompt() -> None:
@@ -545,7 +542,7 @@ def run_random_workload(
         prompt = (prefixes[which][:plen] if which < 3 else []) + tokens(rng, tail)
         r = req(prompt, max_new, rid=f"r{i}")
         try:
-            s.validate(r)
+            fit(r, s.config)
         except ValueError:
             continue  # prompt + max_new_tokens larger than the pool: rejected up front
         arrivals.setdefault(at, []).append(r)
@@ -553,7 +550,7 @@ def run_random_workload(
             aborts.setdefault(max(at, abort_at), []).append(r.rid)
             aborted.add(r.rid)
     trace = drive(s, arrivals, aborts)
-    event(f"retractions: {min(s.stats.retractions, 3)}")
+    event(f"retractions: {min(s.stats().retractions, 3)}")
     assert trace.max_running <= max_running
     assert s.num_requests() == 0
     return s, trace, aborted

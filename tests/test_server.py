@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from radixfair.engine.engine import Engine
+from radixfair.io_struct import EngineRequest, TokenizedRequest
 from radixfair.server import ServerClient, create_app
 
 KEYS = {"sk-alice": ServerClient("alice", 2.0), "sk-bob": ServerClient("bob")}
@@ -152,7 +153,7 @@ def test_info_endpoints(http: httpx.Client, engine: Engine) -> None:
     engine.wait_idle(timeout=20)
     r = http.post("/flush_cache")
     assert r.status_code == 200, r.text
-    assert engine.get_stats()["tree_tokens"] == 0
+    assert engine.get_stats().tree_tokens == 0
 
 
 def test_flush_cache_refused_while_busy(http: httpx.Client, engine: Engine) -> None:
@@ -163,7 +164,7 @@ def test_flush_cache_refused_while_busy(http: httpx.Client, engine: Engine) -> N
         first = next(line for line in lines if line)
         assert first.startswith("data: ")
         busy = http.post("/flush_cache")
-        assert engine.get_stats()["running"] == 1, "the request finished too soon for this test"
+        assert engine.get_stats().running == 1, "the request finished too soon for this test"
         assert busy.status_code == 400 and "flush" in busy.json()["error"]["message"]
     assert_clean(engine)
 
@@ -300,14 +301,13 @@ def test_auth(auth_server: LiveServer, engine: Engine) -> None:
 
 def _clients_seen(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    orig = engine.make_requests
+    orig = engine.tokenize
 
-    def spy(*args: Any, **kw: Any) -> Any:
-        reqs = orig(*args, **kw)
-        seen.extend(r.client_id for r in reqs)
-        return reqs
+    def spy(req: EngineRequest) -> TokenizedRequest:
+        seen.append(req.client_id)
+        return orig(req)
 
-    monkeypatch.setattr(engine, "make_requests", spy)
+    monkeypatch.setattr(engine, "tokenize", spy)
     return seen
 
 
@@ -333,7 +333,7 @@ def test_cancelled_streams_release_kv(server: LiveServer, engine: Engine) -> Non
     """50 native streams, open at once, each dropped after its second chunk, and an OpenAI stream
     (n=2) dropped after its first: every KV slot comes back."""
     params = {"max_new_tokens": 1000, "ignore_eos": True, "temperature": 0}
-    decoded_before = engine.get_stats()["decode_tokens"]
+    decoded_before = engine.get_stats().decode_tokens
 
     async def drop_after(c: httpx.AsyncClient, i: int) -> None:
         async with c.stream("POST", "/generate", json={"text": f"long {i}", "sampling_params": params,
@@ -356,11 +356,11 @@ def test_cancelled_streams_release_kv(server: LiveServer, engine: Engine) -> Non
                                                                      json=chat) as r:
         next(line for line in r.iter_lines() if line)
     deadline = time.monotonic() + 20
-    while engine.get_stats()["running"] + engine.get_stats()["waiting"] and time.monotonic() < deadline:
+    while engine.get_stats().running + engine.get_stats().waiting and time.monotonic() < deadline:
         time.sleep(0.05)
     stats = engine.get_stats()
-    assert stats["running"] == stats["waiting"] == 0, "disconnected streams were not aborted"
-    assert stats["decode_tokens"] - decoded_before < 26000  # 52 1000-token requests were cut short
+    assert stats.running == stats.waiting == 0, "disconnected streams were not aborted"
+    assert stats.decode_tokens - decoded_before < 26000  # 52 1000-token requests were cut short
     engine.wait_idle(timeout=20)
     free, evictable, protected = engine.check_invariant()
     assert protected == 0 and free + evictable == engine.max_total_tokens

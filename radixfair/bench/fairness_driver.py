@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from radixfair.bench.fairness_workload import Arrival, Workload
+from radixfair.io_struct import EngineRequest, TokenizedRequest
 from radixfair.metrics import RequestRecord, ServiceEvent
+from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from radixfair.engine.engine import Engine
@@ -71,10 +73,10 @@ async def _replay(engine: Engine, wl: Workload, policy: str, duration: float, w_
         delay = t0 + arr.time - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        params = {"max_new_tokens": arr.max_new_tokens, "temperature": 0.0, "ignore_eos": True}
-        req = engine.make_requests(None, params, input_ids=arr.input_ids, client_id=arr.client,
-                                   rid=f"{policy}-{arr.client}-{i}")[0]
-        lv = _Live(arr, req.arrival_time - t0, len(arr.input_ids))
+        params = SamplingParams(max_new_tokens=arr.max_new_tokens, temperature=0.0, ignore_eos=True)
+        req = engine.tokenize(EngineRequest(input_ids=arr.input_ids, sampling_params=params, client_id=arr.client,
+                                            rid=f"{policy}-{arr.client}-{i}"))
+        lv = _Live(arr, time.monotonic() - t0, len(arr.input_ids))
         live.append(lv)
         tasks.append(asyncio.create_task(_consume(engine, req, lv, t0, w_in, w_out)))
     await asyncio.sleep(max(0.0, t0 + duration - time.monotonic()))
@@ -88,28 +90,26 @@ async def _replay(engine: Engine, wl: Workload, policy: str, duration: float, w_
         progress(duration, len(live), sum(lv.finish is not None for lv in live))
     # the engine still answers the aborted requests through this loop's queues: stay until it is idle
     await asyncio.to_thread(engine.wait_idle, 120.0)
-    stats = await asyncio.to_thread(engine.get_stats)
+    stats = (await asyncio.to_thread(engine.get_stats)).to_dict()
     events = sorted((ev for lv in live for ev in lv.events if ev.time < duration), key=lambda e: e.time)
     return RunResult(policy, duration, [lv.record(duration) for lv in live], events, stats)
 
 
-async def _consume(engine: Engine, req: Any, lv: _Live, t0: float, w_in: float, w_out: float) -> None:
-    async for out in engine.async_generate(req):
+async def _consume(engine: Engine, req: TokenizedRequest, lv: _Live, t0: float, w_in: float, w_out: float) -> None:
+    async for out in engine.generate_async(req):
         now = time.monotonic() - t0
-        meta = out["meta_info"]
-        n = int(meta.get("completion_tokens", 0))
+        n = out.completion_tokens
         if n > lv.output_tokens:
             if lv.first_token is None:
-                lv.cached_tokens = int(meta.get("cached_tokens", 0))
-                lv.first_token = lv.t_arrival + float(meta.get("ttft", now - lv.t_arrival))
+                lv.cached_tokens = out.cached_tokens
+                lv.first_token = lv.t_arrival + (out.ttft if out.ttft is not None else now - lv.t_arrival)
                 # the prompt's uncached part is charged when its prefill shows (with the first token)
                 lv.events.append(ServiceEvent(now, lv.arrival.client, w_in * (lv.prompt_tokens - lv.cached_tokens)))
             lv.events.append(ServiceEvent(now, lv.arrival.client, w_out * (n - lv.output_tokens)))
             lv.output_tokens = n
-        if out["finished"]:
-            reason = (meta.get("finish_reason") or {}).get("type")
-            if reason != "abort":  # an engine-side abort is not a completion
-                lv.finish = lv.t_arrival + float(meta.get("e2e_latency", now - lv.t_arrival))
+        if out.finish_reason is not None:
+            if out.finish_reason.type != "abort":  # an engine-side abort is not a completion
+                lv.finish = lv.t_arrival + out.e2e_latency
             return
 
 

@@ -41,7 +41,7 @@ def run_once(ns: argparse.Namespace, disable: bool, prompts: list[list[int]] | N
         engine.shutdown()
     tokens = sum(len(p) for p in prompts) + sum(o["meta_info"]["completion_tokens"] for o in outs)
     return {"prompts": prompts, "seconds": dt, "tok_s": tokens / dt, "req_s": len(prompts) / dt,
-            "hit_rate": stats["hit_rate"], "outputs": [o["output_ids"] for o in outs]}
+            "hit_rate": stats.hit_rate, "outputs": [o["output_ids"] for o in outs]}
 
 
 def main(ns: argparse.Namespace) -> int:

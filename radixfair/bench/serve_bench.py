@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radixfair.bench.report import print_table, write_json
+from radixfair.io_struct import EngineRequest
+from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     import httpx
@@ -145,10 +147,10 @@ def http_stream(http: httpx.AsyncClient, client: str) -> Stream:
 
 def engine_stream(engine: Engine, client: str) -> Stream:
     async def stream(prompt: list[int], max_new_tokens: int) -> AsyncIterator[int]:
-        params = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}
-        req = engine.make_requests(None, params, input_ids=prompt, client_id=client)[0]
-        async for out in engine.async_generate(req):
-            yield int(out["meta_info"]["completion_tokens"])
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+        req = EngineRequest(input_ids=prompt, sampling_params=params, client_id=client)
+        async for out in engine.generate_async(req):
+            yield out.completion_tokens
 
     return stream
 

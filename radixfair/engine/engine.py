@@ -1,8 +1,9 @@
-"""The offline engine: `Engine(model=...).generate(...)`, with the scheduler loop in a thread.
+"""The engine: `Engine(model=...)`, with the scheduler loop in a thread.
 
-Callers in any thread submit requests; one background thread owns the scheduler, the model
-and the KV pool, so nothing in the hot loop needs a lock. Results flow back through per-request
-queues, which the synchronous, streaming and asyncio front-ends all read.
+Callers in any thread hand it `TokenizedRequest`s (see radixfair.io_struct: the only types that
+cross this boundary) and get `EngineOutput`s back through a sink; one background thread owns the
+scheduler, the model and the KV pool, so nothing in the hot loop needs a lock. `generate` is
+SGLang's offline API on top (dicts in SGLang's shape), `generate_async` the asyncio one.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import logging
 import queue
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -29,11 +29,22 @@ from radixfair.engine.model_runner import (
     select_dtype,
 )
 from radixfair.engine.tokenizer import Tokenizer
+from radixfair.io_struct import (
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    ErrorKind,
+    FinishReason,
+    RequestError,
+    TokenizedRequest,
+    build_requests,
+    result_for,
+)
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
 from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
-from radixfair.sched.request import Req, TokenLogprob
-from radixfair.sched.scheduler import Scheduler, SchedulerConfig
+from radixfair.sched.request import Req
+from radixfair.sched.scheduler import Scheduler, SchedulerConfig, fit_max_new_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +79,21 @@ class EngineArgs:
         return cls(**kwargs)
 
 
+Sink = Callable[[EngineOutput], object]
+
+
 @dataclass
-class _Submit:
-    req: Req
-    sink: Callable[[dict[str, Any]], object]
-    stream: bool = True  # False: only the final output goes to the sink
+class _Submission:
+    """A request the engine thread serves, with how much of it its caller has been sent."""
+
+    treq: TokenizedRequest
+    sink: Sink
+    req: Req | None = None  # set once the engine thread built it
+    error: RequestError | None = None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    sent_output_logprobs: int = 0
+    sent_input_logprobs: int = 0
 
 
 @dataclass
@@ -138,23 +159,22 @@ class Engine:
         )
         del state
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(files.config.eos_token_ids)))
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_total_tokens=max_total,
-                max_running_requests=args.max_running_requests,
-                max_prefill_tokens=args.max_prefill_tokens,
-                chunked_prefill_size=args.chunked_prefill_size,
-                max_context_len=self.context_len,
-                disable_radix_cache=args.disable_radix_cache,
-            ),
-            policy,
+        self.scheduler_config = SchedulerConfig(
+            max_total_tokens=max_total,
+            max_running_requests=args.max_running_requests,
+            max_prefill_tokens=args.max_prefill_tokens,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_context_len=self.context_len,
+            disable_radix_cache=args.disable_radix_cache,
         )
+        self.scheduler = Scheduler(self.scheduler_config, policy)
         self._inbox: queue.Queue[Any] = queue.Queue()
-        # rid -> its submission (sink, stream): a non-streaming request gets only its final result,
-        # so it costs no per-step result dict and wakes no waiting thread per token
-        self._outputs: dict[str, _Submit] = {}
+        # rid -> its submission: a non-streaming request is sent only its final output, so it costs
+        # no per-step output and wakes no waiting thread per token
+        self._subs: dict[str, _Submission] = {}
         self._stopped = False
-        self.last_invariant: tuple[int, int, int] | None = None
+        # held while checking `_stopped` and queueing, so nothing is queued after the final drain
+        self._submit_lock = threading.Lock()
         self.invariant_violations = 0
         # called on the scheduler thread after each iteration (schedule, forward pass, outputs) with
         # the batch and the iteration's wall seconds; `bench calibrate` fits the simulator's cost
@@ -163,7 +183,54 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="radixfair-scheduler", daemon=True)
         self._thread.start()
 
-    # ---- public API ------------------------------------------------------------------------
+    # ---- the contract: EngineRequest -> TokenizedRequest -> EngineOutput ------------------------
+    def tokenize(self, req: EngineRequest) -> TokenizedRequest:
+        """Check `req` against the model and tokenize it; ValueError names what cannot be served.
+        Safe from any thread (it reads only immutable state), and may be slow for a long text: an
+        event loop should run it in a worker thread."""
+        if req.input_ids is not None:
+            ids = tuple(req.input_ids)
+            vocab = self.model_config.vocab_size
+            for t in ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise ValueError(f"input_ids must be integers in [0, {vocab}), got {t!r}")
+        else:
+            assert req.text is not None
+            ids = tuple(self.tokenizer.encode(req.text))
+        sp = req.sampling_params
+        fitted = fit_max_new_tokens(len(ids), sp.max_new_tokens, self.scheduler_config)
+        if fitted != sp.max_new_tokens:
+            sp = sp.replace(max_new_tokens=fitted, min_new_tokens=min(sp.min_new_tokens, fitted))
+        return TokenizedRequest(req, ids, sp)
+
+    def submit(self, treq: TokenizedRequest, sink: Sink) -> None:
+        """Queue `treq`; its outputs go to `sink`, called on the engine thread (it must be quick and
+        must not raise). A streaming request gets an output per step, others only the last one."""
+        with self._submit_lock:
+            if self._stopped:
+                raise RuntimeError("the engine is shut down")
+            self._inbox.put(_Submission(treq, sink))
+
+    async def generate_async(self, req: EngineRequest | TokenizedRequest) -> AsyncGenerator[EngineOutput, None]:
+        """The outputs of one request, for an asyncio consumer; leaving early aborts the request."""
+        treq = req if isinstance(req, TokenizedRequest) else await asyncio.to_thread(self.tokenize, req)
+        loop = asyncio.get_running_loop()
+        aq: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self.submit(treq, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out))
+        done = False
+        try:
+            while not done:
+                out = await aq.get()
+                done = out.finished
+                yield out
+        finally:
+            if not done:
+                self.abort(treq.rid)
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(_Abort(rid))
+
+    # ---- SGLang's offline API --------------------------------------------------------------------
     def generate(
         self,
         prompt: str | list[str] | None = None,
@@ -176,144 +243,50 @@ class Engine:
         rid: str | list[str] | None = None,
         stream: bool = False,
     ) -> Any:
-        """One prompt -> one result dict; a list (or `n` > 1) -> a flat list, prompt-major.
-        `stream=True` -> an iterator of cumulative result dicts."""
-        reqs = self.make_requests(
-            prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, client_id, rid
-        )
+        """One prompt -> one result dict (`text`, `output_ids`, `meta_info`); a list (or `n` > 1) ->
+        a flat list, prompt-major. `stream=True` -> an iterator of cumulative result dicts."""
+        reqs, single = build_requests(prompt, input_ids, sampling_params, rid, client_id, return_logprob,
+                                      logprob_start_len, top_logprobs_num, stream)
+        treqs = [self.tokenize(r) for r in reqs]  # all checked before any is queued
         if stream:
-            if len(reqs) != 1:
+            if len(treqs) != 1:
                 raise ValueError("stream=True takes a single prompt")
-            return self._stream(reqs[0])
-        queues = [self._submit(r, stream=False) for r in reqs]
-        results = [self._wait(q) for q in queues]
-        single = isinstance(prompt, str) or (input_ids is not None and isinstance(input_ids[0], int))
+            return self._stream(treqs[0])
+        queues = []
+        for treq in treqs:
+            q: queue.Queue[EngineOutput] = queue.Queue()
+            self.submit(treq, q.put)
+            queues.append(q)
+        results = []
+        for treq, q in zip(treqs, queues, strict=True):
+            res = result_for(treq.request)
+            while not res.finished:
+                res.add(q.get())
+            results.append(res.to_dict())
         return results[0] if single and len(results) == 1 else results
 
-    def generate_stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
-        return self.generate(prompt, stream=True, **kwargs)
-
-    async def async_generate(self, req: Req, stream: bool = True) -> AsyncIterator[dict[str, Any]]:
-        """Stream a prepared request's outputs into an asyncio consumer (used by the HTTP server);
-        `stream=False` yields only the final output."""
-        loop = asyncio.get_running_loop()
-        aq: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._inbox.put(_Submit(req, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out), stream))
+    def _stream(self, treq: TokenizedRequest) -> Iterator[dict[str, Any]]:
+        q: queue.Queue[EngineOutput] = queue.Queue()
+        self.submit(treq, q.put)
+        res = result_for(treq.request)
         try:
-            while True:
-                out = await aq.get()
-                yield out
-                if out["finished"]:
-                    return
+            while not res.finished:
+                res.add(q.get())
+                yield res.to_dict()
         finally:
-            if not req.finished:
-                self.abort(req.rid)
+            if not res.finished:
+                self.abort(treq.rid)
 
-    def make_requests(
-        self,
-        prompt: str | list[str] | None,
-        sampling_params: Any,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int = -1,
-        top_logprobs_num: int = 0,
-        client_id: str = "default",
-        rid: str | list[str] | None = None,
-    ) -> list[Req]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("give exactly one of prompt (text) or input_ids")
-        if input_ids is not None:
-            if not isinstance(input_ids, list) or not input_ids:
-                raise ValueError("input_ids is empty: give at least one token id (or a list of lists)")
-            ids_list = [input_ids] if isinstance(input_ids[0], int) else input_ids
-            token_lists = [self._check_ids(list(x)) for x in ids_list]
-        else:
-            texts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError("prompt must be a string or a list of strings")
-            token_lists = [self.tokenizer.encode(t) for t in texts]
-        n = len(token_lists)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != n:
-                raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts")
-            sps = [self._params(p) for p in sampling_params]
-        else:
-            sps = [self._params(sampling_params) for _ in range(n)]
-        rids = [rid] if isinstance(rid, str) else rid
-        if rids is not None and len(rids) != n:
-            raise ValueError(f"{len(rids)} rids for {n} prompts")
-        if top_logprobs_num < 0 or top_logprobs_num > 20:
-            raise ValueError(f"top_logprobs_num must be in [0, 20], got {top_logprobs_num}")
-        reqs = []
-        for i, ids in enumerate(token_lists):
-            base = sps[i]
-            base_rid = rids[i] if rids else uuid.uuid4().hex
-            # n > 1: n independent samples of the prompt, each its own request (the prompt's KV is
-            # shared through the radix cache); seeded copies get seed + k so they differ
-            for k in range(base.n):
-                sp = base if base.n == 1 else replace(
-                    base, n=1, seed=None if base.seed is None else base.seed + k,
-                    stop=list(base.stop), stop_token_ids=list(base.stop_token_ids),
-                )
-                req = Req(
-                    origin_input_ids=list(ids),
-                    sampling_params=sp,
-                    rid=base_rid if base.n == 1 else f"{base_rid}-{k}",
-                    client_id=client_id,
-                    weight=self.scheduler.policy.config.weight_of(client_id),
-                    eos_token_ids=self.eos_token_ids,
-                    return_logprob=return_logprob,
-                    logprob_start_len=logprob_start_len,
-                    top_logprobs_num=top_logprobs_num,
-                    detokenizer=self.tokenizer.incremental_detokenizer(
-                        ids, skip_special_tokens=sp.skip_special_tokens
-                    ),
-                )
-                self.scheduler.validate(req)
-                reqs.append(req)
-        return reqs
-
-    def _params(self, p: Any) -> SamplingParams:
-        if isinstance(p, SamplingParams):
-            return replace(p, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids))
-        return SamplingParams.from_dict(p)
-
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"input_ids must be integers in [0, {vocab}), got {t!r}")
-        return ids
-
-    def abort(self, rid: str) -> None:
-        self._inbox.put(_Abort(rid))
-
+    # ---- control and introspection ---------------------------------------------------------------
     def flush_cache(self) -> None:
         """Empty the radix cache. Raises RuntimeError (saying why) unless the engine is idle."""
         self._call(self.scheduler.flush_cache)
 
-    def get_stats(self) -> dict[str, Any]:
-        def snap() -> dict[str, Any]:
-            s = self.scheduler
-            st = s.stats
-            return {
-                "running": len(s.running),
-                "waiting": len(s.waiting),
-                "input_tokens": st.input_tokens,
-                "cached_tokens": st.cached_tokens,
-                "hit_rate": st.hit_rate,
-                "prefill_tokens": st.prefill_tokens,
-                "decode_tokens": st.decode_tokens,
-                "retractions": st.retractions,
-                "evicted_tokens": s.tree.evicted_tokens,
-                "tree_tokens": s.tree.evictable_size() + s.tree.protected_size(),
-                "free_slots": s.allocator.available(),
-                "max_total_tokens": s.config.max_total_tokens,
-            }
-
-        return self._call(snap)
+    def get_stats(self) -> EngineStats:
+        return self._call(self.scheduler.stats)
 
     def check_invariant(self) -> tuple[int, int, int]:
+        """(free, evictable, protected) KV slots; AssertionError unless they add up to the pool."""
         return self._call(self.scheduler.check_invariant)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
@@ -336,7 +309,7 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    # ---- plumbing ------------------------------------------------------------------------------
+    # ---- the engine thread -----------------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the scheduler thread (the only thread that touches scheduler state)."""
         if self._stopped:
@@ -349,31 +322,6 @@ class Engine:
             raise call.error
         return call.result
 
-    def _submit(self, req: Req, stream: bool = True) -> queue.Queue[dict[str, Any]]:
-        if self._stopped:
-            raise RuntimeError("the engine is shut down")
-        q: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._inbox.put(_Submit(req, q.put, stream))
-        return q
-
-    def _wait(self, q: queue.Queue[dict[str, Any]]) -> dict[str, Any]:
-        while True:
-            out = q.get()
-            if out["finished"]:
-                return out
-
-    def _stream(self, req: Req) -> Iterator[dict[str, Any]]:
-        q = self._submit(req)
-        try:
-            while True:
-                out = q.get()
-                yield out
-                if out["finished"]:
-                    return
-        finally:
-            if not req.finished:
-                self.abort(req.rid)
-
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submissions/aborts/calls. Returns False once asked to stop."""
         try:
@@ -383,19 +331,8 @@ class Engine:
         while True:
             if item is _STOP:
                 return False
-            if isinstance(item, _Submit):
-                req = item.req
-                try:
-                    if req.rid in self._outputs:
-                        raise ValueError(f"duplicate request id {req.rid!r}: it is already in use")
-                    self.scheduler.add_request(req)
-                    self._outputs[req.rid] = item
-                except ValueError as e:
-                    # answer through this request's own sink: an existing request with the same
-                    # rid keeps its sink
-                    req.abort(str(e))
-                    req.error = str(e)
-                    item.sink(self.result_dict(req, True))
+            if isinstance(item, _Submission):
+                self._admit(item)
             elif isinstance(item, _Abort):
                 self.scheduler.abort(item.rid)
             elif isinstance(item, _Call):
@@ -408,6 +345,32 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _admit(self, sub: _Submission) -> None:
+        treq = sub.treq
+        rid = treq.rid
+        if rid in self._subs:
+            # answered through this submission's own sink: the live request keeps its own
+            message = f"duplicate request id {rid!r}: it is already in use"
+            sub.sink(EngineOutput(rid, "", (), finish_reason=FinishReason("abort", message=message),
+                                  error=RequestError(ErrorKind.INVALID_REQUEST, message)))
+            return
+        r = treq.request
+        sp = treq.sampling_params
+        sub.req = Req(
+            origin_input_ids=list(treq.input_ids),
+            sampling_params=sp,
+            rid=rid,
+            client_id=r.client_id,
+            eos_token_ids=self.eos_token_ids,
+            return_logprob=r.return_logprob,
+            logprob_start_len=r.logprob_start_len,
+            top_logprobs_num=r.top_logprobs_num,
+            detokenizer=self.tokenizer.incremental_detokenizer(treq.input_ids,
+                                                               skip_special_tokens=sp.skip_special_tokens),
+        )
+        self._subs[rid] = sub
+        self.scheduler.add_request(sub.req)
 
     def _loop(self) -> None:
         try:
@@ -424,9 +387,10 @@ class Engine:
                     out = self.runner.run(batch)
                 except Exception as e:
                     logger.exception("forward pass failed; aborting the %d requests of the batch", len(batch.reqs))
-                    self.scheduler.fail_batch(batch, f"internal error in the forward pass: {e}")
+                    message = f"internal error in the forward pass: {e}"
+                    self.scheduler.fail_batch(batch, message)
                     for req in batch.reqs:
-                        self._finish(req)
+                        self._finish(req, RequestError(ErrorKind.INTERNAL, message))
                     continue
                 finished = self.scheduler.process_output(batch, out)
                 self._publish(batch, finished)
@@ -442,52 +406,43 @@ class Engine:
         for req in batch.reqs:
             if id(req) in done:
                 self._finish(req)
-            elif req.output_ids and (sub := self._outputs.get(req.rid)) is not None and sub.stream:
-                self._emit(req, False)
+            elif req.output_ids and (sub := self._subs.get(req.rid)) is not None and sub.treq.request.stream:
+                sub.sink(self._output(sub, req, False))
 
-    def _finish(self, req: Req) -> None:
-        self.runner.sampler.forget(req.rid)
-        self._emit(req, True)
-
-    def _emit(self, req: Req, finished: bool) -> None:
-        sub = self._outputs.get(req.rid)
+    def _finish(self, req: Req, error: RequestError | None = None) -> None:
+        self.runner.forget(req.rid)
+        sub = self._subs.pop(req.rid, None)
         if sub is None:
             return
-        if finished:
-            self._outputs.pop(req.rid, None)
-        sub.sink(self.result_dict(req, finished))
+        sub.error = error
+        sub.sink(self._output(sub, req, True))
 
-    def result_dict(self, req: Req, finished: bool) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": req.rid,
-            "prompt_tokens": len(req.origin_input_ids),
-            "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "finish_reason": req.finish_reason.to_dict() if req.finish_reason else None,
-            "e2e_latency": (req.finish_time or time.monotonic()) - req.arrival_time,
-        }
-        if req.first_token_time is not None:
-            meta["ttft"] = req.first_token_time - req.arrival_time
-        if req.return_logprob:
-            meta["input_token_logprobs"] = [_lp(x) for x in req.input_token_logprobs]
-            meta["output_token_logprobs"] = [_lp(x) for x in req.output_token_logprobs]
-            if req.top_logprobs_num > 0:
-                meta["input_top_logprobs"] = [_top(x) for x in req.input_token_logprobs]
-                meta["output_top_logprobs"] = [_top(x) for x in req.output_token_logprobs]
-        if req.error:
-            meta["error"] = req.error
-        return {
-            "text": req.output_text(final=finished),
-            "output_ids": list(req.output_ids),
-            "meta_info": meta,
-            "finished": finished,
-            "index": 0,
-        }
+    @staticmethod
+    def _output(sub: _Submission, req: Req, finished: bool) -> EngineOutput:
+        """What `sub`'s caller has not been sent yet: constant work per step however long the output."""
+        text = req.output_text(final=finished)
+        n_out, n_olp, n_ilp = len(req.output_ids), len(req.output_token_logprobs), len(req.input_token_logprobs)
+        out = EngineOutput(
+            rid=req.rid,
+            text=text[sub.sent_text:],
+            token_ids=tuple(req.output_ids[sub.sent_tokens:]),
+            output_logprobs=tuple(req.output_token_logprobs[sub.sent_output_logprobs:]),
+            input_logprobs=tuple(req.input_token_logprobs[sub.sent_input_logprobs:]),
+            prompt_tokens=len(req.origin_input_ids),
+            completion_tokens=n_out,
+            cached_tokens=req.cached_tokens,
+            finish_reason=req.finish_reason if finished else None,
+            error=sub.error,
+            ttft=None if req.first_token_time is None else req.first_token_time - req.arrival_time,
+            e2e_latency=(req.finish_time or time.monotonic()) - req.arrival_time,
+        )
+        sub.sent_text, sub.sent_tokens = len(text), n_out
+        sub.sent_output_logprobs, sub.sent_input_logprobs = n_olp, n_ilp
+        return out
 
     def _check_idle_invariant(self) -> None:
         try:
-            self.last_invariant = self.scheduler.check_invariant()
-            self.scheduler.tree.check_invariant()
+            self.scheduler.check_invariant()
         except AssertionError as e:
             self.invariant_violations += 1
             logger.error("%s", e)
@@ -495,15 +450,23 @@ class Engine:
                 raise
 
     def _fail_all(self, message: str) -> None:
-        for rid, sub in list(self._outputs.items()):
-            sub.sink({"finished": True, "text": "", "output_ids": [], "meta_info": {
-                "id": rid, "finish_reason": {"type": "abort", "message": message}}})
-        self._outputs.clear()
+        """Answer everything still in flight or queued: nobody may wait forever on a stopped engine."""
+        with self._submit_lock:
+            self._stopped = True
+        error = RequestError(ErrorKind.UNAVAILABLE, message)
+        pending = list(self._subs.values())
+        self._subs.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Submission):
+                pending.append(item)
+            elif isinstance(item, _Call):
+                item.error = RuntimeError(message)
+                item.done.set()
+        for sub in pending:
+            rid = sub.treq.rid
+            sub.sink(EngineOutput(rid, "", (), finish_reason=FinishReason("abort", message=message), error=error))
 
-
-def _lp(x: TokenLogprob) -> tuple[float | None, int, None]:
-    return (x.logprob, x.token_id, None)
-
-
-def _top(x: TokenLogprob) -> list[tuple[float, int, None]] | None:
-    return None if x.top is None else [(lp, t, None) for lp, t in x.top]

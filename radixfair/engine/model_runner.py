@@ -116,6 +116,10 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
 
+    def forget(self, rid: str) -> None:
+        """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""
+        self.sampler.forget(rid)
+
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 

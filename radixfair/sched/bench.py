@@ -25,7 +25,6 @@ import numpy as np
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchOutput
 from radixfair.sched.policies import PolicyConfig, make_policy
-from radixfair.sched.prefix_index import walk
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -91,10 +90,10 @@ def build(policy: str, shape: BenchShape, seed: int = 0) -> tuple[Scheduler, Wor
     sched = Scheduler(SchedulerConfig(max_total_tokens=shape.pool), make_policy(policy, PolicyConfig()))
     work = Workload(shape, seed)
     for seq in work.history():
-        slots = sched.allocator.alloc(len(seq))
+        slots = sched.kv.allocator.alloc(len(seq))
         assert slots is not None, "the pool must hold the whole history"
-        dup = sched.tree.insert(seq, slots)
-        sched.allocator.free(slots[:dup])
+        dup = sched.kv.tree.insert(seq, slots)
+        sched.kv.allocator.free(slots[:dup])
     for _ in range(shape.waiting):
         sched.add_request(work.request())
     return sched, work
@@ -128,7 +127,7 @@ def time_decisions(policy: str, shape: BenchShape, steps: int, seed: int = 0) ->
         "upkeep_ms_median": 1e3 * statistics.median(upkeep),
         "admitted_per_step": statistics.mean(admitted),
         "tree_tokens": tree_tokens,
-        "hit_rate": sched.stats.hit_rate,
+        "hit_rate": sched.stats().hit_rate,
     }
 
 
@@ -139,7 +138,7 @@ def time_rematch(shape: BenchShape, repeats: int, seed: int = 0) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lens = [walk(sched.tree, k)[2] for k in keys]
+        lens = [sched.tree.peek(k).length for k in keys]
         order = sorted(range(len(keys)), key=lambda i: -lens[i])
         times.append(time.perf_counter() - t0)
         assert len(order) == len(keys)

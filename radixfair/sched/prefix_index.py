@@ -3,7 +3,7 @@
 SGLang re-matches every waiting request against the tree before each LPM sort and gives up (falls
 back to FCFS) past 128 waiting requests because of it. A request's match can only change when the
 tree changes right where the match ends, so this index anchors each request at that spot and listens
-to the tree (`RadixCache.add_listener`):
+to the tree (`PrefixTree.add_listener`):
 
 - a new leaf under node P extends exactly the requests that fully matched P and whose next token
   starts the leaf (kept per P, keyed by that token, so finding them is one dict lookup);
@@ -23,8 +23,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from radixfair.cache.allocator import SlotAllocator
-from radixfair.cache.radix_cache import RadixCache, TreeNode, common_prefix_len
+from radixfair.cache.prefix_tree import PrefixTree, TreeNode
 
 if TYPE_CHECKING:
     from radixfair.sched.request import Req
@@ -49,7 +48,7 @@ class PrefixIndex:
     """Matched prefix lengths of a set of requests against one radix tree, and their LPM order."""
 
     def __init__(self) -> None:
-        self._tree: RadixCache | None = None
+        self._tree: PrefixTree | None = None
         self._entries: dict[Req, _Entry] = {}
         # Matches that end exactly at a node's end, by the next token they want: only a new child
         # with that first token can extend them.
@@ -63,7 +62,7 @@ class PrefixIndex:
         self._uids = itertools.count()
 
     # ---- membership ------------------------------------------------------------------------------
-    def bind(self, tree: RadixCache) -> None:
+    def bind(self, tree: PrefixTree) -> None:
         """Follow `tree` (re-anchoring everything already indexed)."""
         if self._tree is tree:
             return
@@ -75,7 +74,7 @@ class PrefixIndex:
 
     def add(self, req: Req) -> None:
         if self._tree is None:
-            self.bind(RadixCache(SlotAllocator(1)))  # not bound to a scheduler: nothing is cached
+            self.bind(PrefixTree())  # not bound to a scheduler: nothing is cached
         if req in self._entries:
             self.remove(req)
         # the same cap the scheduler matches with: the last token (and any token whose prompt
@@ -107,9 +106,9 @@ class PrefixIndex:
     def matched_len(self, req: Req) -> int:
         return self._entries[req].matched
 
-    def anchor(self, req: Req, tree: RadixCache) -> tuple[TreeNode, int] | None:
+    def anchor(self, req: Req, tree: PrefixTree) -> tuple[TreeNode, int] | None:
         """Where `req`'s match ends in `tree` (node, tokens into its edge), if this index follows
-        that tree and holds `req`: `RadixCache.match_at` then spares re-matching it."""
+        that tree and holds `req`: `PrefixTree.match_at` then spares re-matching it."""
         e = self._entries.get(req)
         if e is None or tree is not self._tree:
             return None
@@ -156,13 +155,12 @@ class PrefixIndex:
             return
         if not opened:
             del self._open[parent]
-        lk = leaf.key
+        tree = self._tree
+        assert tree is not None
         for e in bucket:
-            c = common_prefix_len(lk, e.key, e.matched)  # >= 1: the first token matched
+            # the match went exactly to `parent`, and the leaf starts with its next token
             old = e.sort_key
-            e.matched += c
-            e.node = leaf
-            e.offset = c
+            e.node, e.offset, e.matched = tree.peek(e.key, parent, e.matched)
             self._place(e)
             self._resort(e, old)
 
@@ -213,7 +211,7 @@ class PrefixIndex:
 
     def _anchor_from_root(self, e: _Entry) -> None:
         assert self._tree is not None, "bind(tree) first"
-        e.node, e.offset, e.matched = walk(self._tree, e.key)
+        e.node, e.offset, e.matched = self._tree.peek(e.key)
         self._place(e)
 
     def _place(self, e: _Entry) -> None:
@@ -246,7 +244,7 @@ class PrefixIndex:
         """Compare every indexed match with a fresh walk of the tree (tests)."""
         assert self._tree is not None
         for req, e in self._entries.items():
-            fresh = walk(self._tree, e.key)
+            fresh = self._tree.peek(e.key)
             assert fresh == (e.node, e.offset, e.matched), (
                 f"{req.rid}: indexed match {e.matched} at {e.node!r}+{e.offset}, "
                 f"the tree says {fresh[2]} at {fresh[0]!r}+{fresh[1]}"
@@ -254,24 +252,3 @@ class PrefixIndex:
         assert self._keys == sorted(self._sort_key(e) for e in self._entries.values())
         assert [self._entries[r].sort_key for r in self._reqs] == self._keys
 
-
-def walk(tree: RadixCache, key: tuple[int, ...]) -> tuple[TreeNode, int, int]:
-    """Where the longest cached prefix of `key` ends, without touching the tree (no split, no
-    access-time refresh: ordering the queue must not change the cache): (node, tokens matched
-    inside node's edge, tokens matched in all)."""
-    n = len(key)
-    node = tree.root_node
-    matched = offset = 0
-    while matched < n:
-        child = node.children.get(key[matched])
-        if child is None:
-            break
-        ck = child.key
-        m = len(ck)
-        if key[matched : matched + m] == ck:
-            matched += m
-            node, offset = child, m
-            continue
-        c = common_prefix_len(ck, key, matched)
-        return child, c, matched + c
-    return node, offset, matched

@@ -100,8 +100,8 @@ def run(policy: str, quantum: float, shape: DocQAShape, seed: int = 0) -> dict[s
         s.process_output(batch, BatchOutput(next_token_ids=[7 if x else -1 for x in batch.sample]))
     points.append((dict(service), set()))
     return {
-        "hit_rate": s.stats.hit_rate,
-        "prefill_tokens": s.stats.prefill_tokens,
+        "hit_rate": s.stats().hit_rate,
+        "prefill_tokens": s.stats().prefill_tokens,
         "passes": passes,
         "modelled_s": ms / 1e3,
         "max_service_diff": max_backlogged_difference(points),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from radixfair.cache.allocator import SlotArray, empty_slots
+from radixfair.io_struct import FinishReason, TokenLogprob
 from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class Detokenizer(Protocol):
-    """Streaming detokenizer owned by the request (see engine/tokenizer.py)."""
+    """Streaming detokenizer owned by the request (radixfair.tokenizer's IncrementalDetokenizer)."""
 
     text: str
 
@@ -32,31 +33,6 @@ class ReqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class FinishReason:
-    type: str  # "stop" | "length" | "abort"
-    matched: int | str | None = None
-    length: int | None = None
-    message: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": self.type}
-        if self.type == "stop":
-            d["matched"] = self.matched
-        elif self.type == "length":
-            d["length"] = self.length
-        else:
-            d["message"] = self.message
-        return d
-
-
-@dataclass
-class TokenLogprob:
-    logprob: float | None
-    token_id: int
-    top: list[tuple[float, int]] | None = None
 
 
 _rid_counter = itertools.count()
@@ -74,7 +50,6 @@ class Req:
     logprob_start_len: int = -1  # -1: no prompt logprobs
     top_logprobs_num: int = 0
     detokenizer: Detokenizer | None = None
-    on_output: Callable[[Req, bool], None] | None = None  # (req, finished) after each step
 
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
@@ -97,8 +72,6 @@ class Req:
 
     input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
-    error: str | None = None
-    aborted: bool = False
     _stop_text_end: int | None = None  # cut point in the detokenized text once a stop string matched
     _max_stop_len: int = 0
 
@@ -151,7 +124,7 @@ class Req:
         sp = self.sampling_params
         n = len(self.output_ids)
         if n >= sp.min_new_tokens and (
-            token_id in sp.stop_token_ids or (not sp.ignore_eos and token_id in self.eos_token_ids)
+            token_id in sp.stop_token_set or (not sp.ignore_eos and token_id in self.eos_token_ids)
         ):
             # like SGLang, the matched stop token stays in output_ids but not in the text
             self.finish(FinishReason("stop", matched=token_id))
@@ -184,7 +157,6 @@ class Req:
                 self.detokenizer.flush()
 
     def abort(self, message: str = "aborted") -> None:
-        self.aborted = True
         self.finish(FinishReason("abort", message=message))
 
     def reset_kv(self) -> None:

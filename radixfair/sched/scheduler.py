@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from radixfair.cache.allocator import SlotAllocator, SlotArray
+from radixfair.cache.prefix_tree import PrefixTree
 from radixfair.cache.radix_cache import RadixCache
+from radixfair.io_struct import EngineStats, FinishReason, TokenLogprob
 from radixfair.sched.batch import BatchMode, BatchOutput, IntArray, ScheduledBatch
+from radixfair.sched.kv_manager import KVManager
 from radixfair.sched.policies.base import SchedulePolicy
-from radixfair.sched.request import FinishReason, Req, ReqStatus, TokenLogprob
+from radixfair.sched.request import Req, ReqStatus
 
 logger = logging.getLogger(__name__)
 
@@ -44,73 +47,78 @@ class SchedulerConfig:
 
 
 @dataclass
-class CacheStats:
+class _Counters:
     input_tokens: int = 0  # prompt tokens of admitted requests (first admission)
     cached_tokens: int = 0  # of which served from the radix cache
     prefill_tokens: int = 0  # tokens actually computed in prefill passes (incl. re-prefills)
     decode_tokens: int = 0
     retractions: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        return self.cached_tokens / self.input_tokens if self.input_tokens else 0.0
+
+def fit_max_new_tokens(prompt_len: int, max_new_tokens: int, config: SchedulerConfig) -> int:
+    """The `max_new_tokens` a request with this prompt gets: clipped to the context, as SGLang
+    does. Raises ValueError, naming the limit, for a request that can never be served."""
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if prompt_len >= config.max_context_len:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens; this model's context is {config.max_context_len} tokens"
+        )
+    fitted = min(max_new_tokens, config.max_context_len - prompt_len)
+    need = prompt_len + fitted
+    if need > config.max_total_tokens:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({fitted}) needs {need} "
+            f"KV slots but the pool holds {config.max_total_tokens} (--max-total-tokens)"
+        )
+    return fitted
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, policy: SchedulePolicy) -> None:
+    """Requests must be checked with `fit_max_new_tokens` before `add_request`."""
+
+    def __init__(self, config: SchedulerConfig, policy: SchedulePolicy,
+                 allocator: SlotAllocator | None = None) -> None:
         self.config = config
         self.policy = policy
-        self.allocator = SlotAllocator(config.max_total_tokens)
-        self.tree = RadixCache(self.allocator)
-        policy.bind(self.tree)
+        # one row per running request, and one for a chunked prompt admitted beside a full batch
+        self.kv = KVManager(config.max_total_tokens, config.max_running_requests + 1,
+                            cache_enabled=not config.disable_radix_cache, allocator=allocator)
+        policy.bind(self.kv.tree)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
-        self.stats = CacheStats()
+        self._counters = _Counters()
         self.new_token_ratio = config.init_new_token_ratio
-        self._free_rows = list(range(config.max_running_requests + 1))[::-1]
         self._by_rid: dict[str, Req] = {}
         self._dropped: list[Req] = []  # left without a batch (aborted while waiting, pool too small)
-        self._dirty_rows: list[Req] = []  # slots changed since the executor last wrote their rows
         # Set when a waiting request may have been aborted: the queue can hold thousands, so it is
         # scanned for them only then.
         self._abort_pending = False
 
     @property
-    def num_rows(self) -> int:
-        return self.config.max_running_requests + 1
+    def tree(self) -> RadixCache:
+        """The radix tree: the KV manager changes it; policies and tests look at it."""
+        return self.kv.tree
+
+    def stats(self) -> EngineStats:
+        c, kv = self._counters, self.kv
+        return EngineStats(
+            running=len(self.running),
+            waiting=len(self.waiting), input_tokens=c.input_tokens, cached_tokens=c.cached_tokens,
+            prefill_tokens=c.prefill_tokens, decode_tokens=c.decode_tokens, retractions=c.retractions,
+            evicted_tokens=kv.tree.evicted_tokens, tree_tokens=kv.tree.total_tokens(),
+            free_slots=kv.allocator.available(), max_total_tokens=self.config.max_total_tokens,
+        )
 
     # ---- queue ---------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
         if req.rid in self._by_rid:
             raise ValueError(f"duplicate request id {req.rid!r}")
-        self.validate(req)
         req.status = ReqStatus.WAITING
         self._by_rid[req.rid] = req
         self.waiting.append(req)
         self.policy.on_arrival(req)
-
-    def validate(self, req: Req) -> None:
-        """Reject what can never be served, with a message that names the limit."""
-        n = len(req.origin_input_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        cfg = self.config
-        if n >= cfg.max_context_len:
-            raise ValueError(
-                f"the prompt has {n} tokens; this model's context is {cfg.max_context_len} tokens"
-            )
-        # SGLang clips max_new_tokens to the context instead of refusing the request
-        room = cfg.max_context_len - n
-        if req.sampling_params.max_new_tokens > room:
-            req.sampling_params.max_new_tokens = room
-            req.sampling_params.min_new_tokens = min(req.sampling_params.min_new_tokens, room)
-        need = n + req.sampling_params.max_new_tokens
-        if need > cfg.max_total_tokens:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_new_tokens ({req.sampling_params.max_new_tokens}) needs {need} "
-                f"KV slots but the pool holds {cfg.max_total_tokens} (--max-total-tokens)"
-            )
 
     def abort(self, rid: str) -> bool:
         req = self._by_rid.get(rid)
@@ -162,12 +170,8 @@ class Scheduler:
     def fail_batch(self, batch: ScheduledBatch, message: str) -> None:
         """The executor could not run `batch`: drop the KV it never computed, abort its requests."""
         for i, req in enumerate(batch.reqs):
-            computed = int(batch.prefix_lens[i])
-            if req.kv_len > computed:
-                self.allocator.free(req.slots[computed:])
-                req.slots = req.slots[:computed]
+            self.kv.discard_uncomputed(req, int(batch.prefix_lens[i]))
             req.abort(message)
-            req.error = message
             self._leave(req)
 
     def _decode_reserve(self, reqs: Iterable[Req]) -> int:
@@ -176,9 +180,6 @@ class Scheduler:
             sum(min(r.sampling_params.max_new_tokens - len(r.output_ids), cap) for r in reqs)
             * self.new_token_ratio
         )
-
-    def _available(self) -> int:
-        return self.allocator.available() + self.tree.evictable_size()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         cfg = self.config
@@ -189,7 +190,9 @@ class Scheduler:
         token_budget = min(cfg.max_prefill_tokens, chunk) if chunk is not None else cfg.max_prefill_tokens
         reserve = self._decode_reserve(self.running)
         admitted: list[tuple[Req, int]] = []  # (req, extend tokens this pass)
-        batch_index = None if cfg.disable_radix_cache else RadixCache(SlotAllocator(1))
+        # what this batch computes, so a request sharing a long new prefix with another one in it
+        # can wait a batch and reuse that prefix (no use when nothing is ever reused)
+        batch_index = None if cfg.disable_radix_cache else PrefixTree()
 
         # Only one request is mid-way through a chunked prompt at a time: while it stays partial
         # it has the batch to itself; the pass that completes it may start another.
@@ -197,7 +200,7 @@ class Scheduler:
             req = self.chunked_req
             n = len(req.fill_ids) - req.kv_len
             take = min(n, token_budget, chunk or n)
-            if not self._grow(req, take):
+            if not self.kv.grow(req, take):
                 # not even the ongoing chunk fits: decode first so running requests free memory
                 return None
             admitted.append((req, take))
@@ -205,7 +208,7 @@ class Scheduler:
             if take < n:
                 return self._build_prefill(admitted)
             if batch_index is not None:
-                batch_index.insert(req.fill_ids, np.zeros(len(req.fill_ids), dtype=np.int64))
+                batch_index.insert(req.fill_ids)
 
         # A policy may hold back every waiting request (DLPM: all their clients spent their quantum
         # this round); it then gets the chance to start a new round and the pass runs again.
@@ -233,7 +236,7 @@ class Scheduler:
         token_budget: int,
         reserve: int,
         chunk: int | None,
-        batch_index: RadixCache | None,
+        batch_index: PrefixTree | None,
     ) -> int:
         """Admit waiting requests in policy order while the budgets allow; returns the budget left."""
         cfg = self.config
@@ -251,25 +254,25 @@ class Scheduler:
             if not self.policy.may_admit(req):
                 continue
             fill = req.fill_ids if req.output_ids else req.origin_input_ids  # read only: no copy
-            self._match(req, fill)
+            self.kv.match(req, fill, self.policy.cached_prefix(req, self.kv.tree))
             extend = len(fill) - req.prefix_len
             if batch_index is not None and extend > cfg.in_batch_prefix_tokens:
-                m = len(batch_index.match_prefix(fill).slots)
+                m = batch_index.peek(fill).length
                 if m - req.prefix_len >= cfg.in_batch_prefix_tokens:
-                    self._unmatch(req)
+                    self.kv.unmatch(req)
                     continue
             take = extend
             if chunk is not None:
                 take = min(take, chunk, token_budget)
             elif admitted and take > token_budget:
-                self._unmatch(req)
+                self.kv.unmatch(req)
                 break
             need = take + (self._decode_reserve([req]) if take == extend else 0)
-            if self._available() - reserve < need and (admitted or self.running):
-                self._unmatch(req)
+            if self.kv.available() - reserve < need and (admitted or self.running):
+                self.kv.unmatch(req)
                 break
             if not self._start(req, take):
-                self._unmatch(req)
+                self.kv.unmatch(req)
                 break
             admitted.append((req, take))
             token_budget -= take
@@ -277,54 +280,23 @@ class Scheduler:
             # gives it (the tree holds the rest, locked by this request), so after a short extend
             # there is nothing worth waiting a batch for: skip the insert, it costs per admission.
             if batch_index is not None and extend >= cfg.in_batch_prefix_tokens:
-                batch_index.insert(fill, np.zeros(len(fill), dtype=np.int64))
+                batch_index.insert(fill)
             if take < extend:
                 self.chunked_req = req
                 break
         return token_budget
 
-    def _match(self, req: Req, fill: list[int]) -> None:
-        if self.config.disable_radix_cache:
-            req.prefix_len = 0
-            return
-        anchor = self.policy.cached_prefix(req, self.tree)
-        if anchor is not None:
-            m = self.tree.match_at(*anchor)
-        else:
-            m = self.tree.match_prefix(fill[: req.max_prefix_len()])
-        req.slots = m.slots
-        req.prefix_len = len(m.slots)
-        req.last_node = m.last_node
-        self.tree.inc_lock_ref(m.last_node)
-
-    def _unmatch(self, req: Req) -> None:
-        if req.last_node is not None:
-            self.tree.dec_lock_ref(req.last_node)
-        req.reset_kv()
-
-    def _alloc(self, n: int) -> SlotArray | None:
-        slots = self.allocator.alloc(n)
-        if slots is None and not self.config.disable_radix_cache:
-            self.tree.evict(n - self.allocator.available())
-            slots = self.allocator.alloc(n)
-        return slots
-
     def _start(self, req: Req, take: int) -> bool:
         """Give a newly admitted request a row and `take` fresh slots after its cached prefix."""
-        if not self._free_rows:
+        if not self.kv.start(req, take):
             return False
-        new = self._alloc(take)
-        if new is None:
-            return False
-        req.row = self._free_rows.pop()
-        req.slots = Req.concat_slots(req.slots, new)
         first = not req.admitted_once
         if first:
             req.admitted_once = True
             req.cached_tokens = req.prefix_len
             req.charged_upto = req.prefix_len
-            self.stats.input_tokens += len(req.origin_input_ids)
-            self.stats.cached_tokens += req.prefix_len
+            self._counters.input_tokens += len(req.origin_input_ids)
+            self._counters.cached_tokens += req.prefix_len
         self._charge(req, req.prefix_len if first else 0, first)
         req.status = ReqStatus.RUNNING
         return True
@@ -336,14 +308,6 @@ class Scheduler:
         req.charged_upto = max(req.charged_upto, req.kv_len)
         if new or first:
             self.policy.on_admit(req, new, cached_len)
-
-    def _grow(self, req: Req, take: int) -> bool:
-        new = self._alloc(take)
-        if new is None:
-            return False
-        req.slots = Req.concat_slots(req.slots, new)
-        self._charge(req, 0, False)
-        return True
 
     def _build_prefill(self, admitted: list[tuple[Req, int]]) -> ScheduledBatch:
         ids: list[int] = []
@@ -364,9 +328,9 @@ class Scheduler:
             sample.append(start + take == len(fill))
             row_slots.append(req.slots)
             logprob_positions.append(self._prompt_logprob_positions(req, start, take))
-            self.stats.prefill_tokens += take
+            self._counters.prefill_tokens += take
         return ScheduledBatch(
-            row_updates=self._take_row_updates(),
+            row_updates=self.kv.take_row_updates(),
             mode=BatchMode.PREFILL,
             reqs=[r for r, _ in admitted],
             input_ids=np.asarray(ids, dtype=np.int64),
@@ -399,18 +363,14 @@ class Scheduler:
         if not self.running:
             return None
         reqs = list(self.running)
-        new = self._alloc(len(reqs))
-        assert new is not None, "make_room guaranteed the slots"
-        positions = np.empty(len(reqs), dtype=np.int64)
-        ids = np.empty(len(reqs), dtype=np.int64)
-        for i, req in enumerate(reqs):
-            positions[i] = req.kv_len
-            ids[i] = req.output_ids[-1]
-            req.slots = Req.concat_slots(req.slots, new[i : i + 1])
+        positions = np.asarray([r.kv_len for r in reqs], dtype=np.int64)
+        ids = np.asarray([r.output_ids[-1] for r in reqs], dtype=np.int64)
+        new = self.kv.extend_by_one(reqs)
+        for req in reqs:
             req.charged_upto = req.kv_len  # decode tokens are charged through on_decode
         self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
         return ScheduledBatch(
-            row_updates=self._take_row_updates(),
+            row_updates=self.kv.take_row_updates(),
             mode=BatchMode.DECODE,
             reqs=reqs,
             input_ids=ids,
@@ -423,20 +383,11 @@ class Scheduler:
             row_slots=[r.slots for r in reqs],  # lets the executor find prefixes the batch shares
         )
 
-    def _take_row_updates(self) -> list[tuple[int, IntArray]]:
-        updates = [(r.row, r.slots) for r in self._dirty_rows if r.row >= 0 and not r.finished]
-        self._dirty_rows = []
-        return updates
-
     def _make_room(self, need: int) -> None:
         """Ensure `need` free slots for a decode step, evicting then retracting the newest requests."""
         while True:
-            if self.allocator.available() >= need:
+            if self.kv.ensure_free(need):
                 return
-            if not self.config.disable_radix_cache:
-                self.tree.evict(need - self.allocator.available())
-                if self.allocator.available() >= need:
-                    return
             if self.chunked_req is not None:
                 # a half-prefilled prompt yields before any decoding request: its chunks stay in
                 # the tree and it resumes from there
@@ -461,9 +412,9 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the queue; its progress stays in the tree if enabled."""
-        self.stats.retractions += 1
+        self._counters.retractions += 1
         req.num_retractions += 1
-        self._give_back_kv(req)
+        self.kv.release(req)
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.3)
@@ -483,24 +434,24 @@ class Scheduler:
                 continue
             if not batch.sample[i]:
                 # a chunk of a long prompt: publish it in the tree so others can share it now
-                self._cache_unfinished(req)
+                self.kv.publish(req)
                 continue
             token = out.next_token_ids[i]
             if req.return_logprob and req.sampling_params.max_new_tokens > 0:
                 top = out.next_top_logprobs[i] if out.next_top_logprobs is not None else None
                 lp = out.next_token_logprobs[i] if out.next_token_logprobs is not None else None
-                req.output_token_logprobs.append(TokenLogprob(lp, token, top))
+                req.output_token_logprobs.append(TokenLogprob(lp, token, None if top is None else tuple(top)))
             if req.sampling_params.max_new_tokens == 0:
                 req.finish(FinishReason("length", length=0))
             else:
                 req.append_token(token)
                 self.policy.on_decode(req, 1)
-                self.stats.decode_tokens += 1
+                self._counters.decode_tokens += 1
             if batch.mode is BatchMode.PREFILL:
                 if self.chunked_req is req:
                     self.chunked_req = None
                 if not req.finished:
-                    self._cache_unfinished(req)
+                    self.kv.publish(req)
                     self.running.append(req)
             if req.finished:
                 self._leave(req)
@@ -518,7 +469,7 @@ class Scheduler:
         if not req.input_token_logprobs and req.logprob_start_len == 0:
             req.input_token_logprobs.append(TokenLogprob(None, req.origin_input_ids[0]))
         for j, (lp, tok) in enumerate(zip(lps, pos[1].tolist(), strict=True)):
-            req.input_token_logprobs.append(TokenLogprob(lp, tok, tops[j] if tops else None))
+            req.input_token_logprobs.append(TokenLogprob(lp, tok, tuple(tops[j]) if tops else None))
 
     def _leave(self, req: Req) -> None:
         if req in self.running:
@@ -527,43 +478,8 @@ class Scheduler:
             self.chunked_req = None
         self._release(req)
 
-    def _cache_unfinished(self, req: Req) -> None:
-        """Insert the request's computed KV into the tree and re-lock at the new, deeper node."""
-        if self.config.disable_radix_cache:
-            return
-        n_kv = req.kv_len
-        key = req.fill_ids[:n_kv]
-        dup = self.tree.insert(key, req.slots)
-        if dup > req.prefix_len:
-            # the tree already held these tokens (another request computed them meanwhile): use its
-            # slots and free ours; the executor's row must then be rewritten before the next pass
-            self.allocator.free(req.slots[req.prefix_len : dup])
-            self._dirty_rows.append(req)
-        m = self.tree.match_prefix(key)
-        assert len(m.slots) == n_kv, "the tree must now hold the whole computed sequence"
-        assert req.last_node is not None
-        self.tree.dec_lock_ref(req.last_node)
-        self.tree.inc_lock_ref(m.last_node)
-        req.last_node = m.last_node
-        req.slots = m.slots
-        req.prefix_len = n_kv
-
-    def _give_back_kv(self, req: Req) -> None:
-        """Hand the request's KV to the tree (or the allocator) and free its row."""
-        if req.row >= 0:
-            self._free_rows.append(req.row)
-        if self.config.disable_radix_cache:
-            self.allocator.free(req.slots)
-        elif req.last_node is not None:
-            n_kv = req.kv_len
-            dup = self.tree.insert(req.fill_ids[:n_kv], req.slots)
-            if dup > req.prefix_len:
-                self.allocator.free(req.slots[req.prefix_len : dup])
-            self.tree.dec_lock_ref(req.last_node)
-        req.reset_kv()
-
     def _release(self, req: Req) -> None:
-        self._give_back_kv(req)
+        self.kv.release(req)
         req.status = ReqStatus.FINISHED
         self._by_rid.pop(req.rid, None)
         self.policy.on_finish(req)
@@ -575,16 +491,9 @@ class Scheduler:
                 f"cannot flush the cache while requests are in flight "
                 f"({len(self.running)} running, {len(self.waiting)} waiting)"
             )
-        self.tree.reset()
+        self.kv.flush()
 
     def check_invariant(self) -> tuple[int, int, int]:
-        """`free + evictable + protected == pool size` when no request holds private slots."""
-        free = self.allocator.available()
-        ev = self.tree.evictable_size()
-        prot = self.tree.protected_size()
-        if free + ev + prot != self.config.max_total_tokens:
-            raise AssertionError(
-                f"KV invariant broken: free {free} + evictable {ev} + protected {prot} "
-                f"!= pool size {self.config.max_total_tokens}"
-            )
-        return free, ev, prot
+        """(free, evictable, protected) KV slots; AssertionError when they do not add up to the
+        pool (meaningful when no request holds private slots, e.g. at idle)."""
+        return self.kv.check_invariant()

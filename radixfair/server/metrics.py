@@ -4,13 +4,11 @@ prompt token plus w_out per output token)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from radixfair.engine.engine import Engine
+from radixfair.io_struct import EngineOutput, EngineStats
 
-# engine stat -> (metric name, help); read from Engine.get_stats() on each scrape
+# engine stat -> (metric name, help); read from the engine's stats on each scrape
 _GAUGES = {
     "running": ("radixfair_num_running_reqs", "requests in the running batch"),
     "waiting": ("radixfair_num_waiting_reqs", "requests in the waiting queue"),
@@ -52,25 +50,21 @@ class ServerMetrics:
         self.e2e = Histogram("radixfair_e2e_request_latency_seconds", "end-to-end request latency",
                              buckets=_E2E_BUCKETS, registry=self.registry)
 
-    def observe(self, client: str, out: dict[str, Any]) -> None:
-        """Count one finished request's output dict."""
-        meta = out.get("meta_info", {})
-        fr = (meta.get("finish_reason") or {}).get("type", "unknown")
+    def observe(self, client: str, out: EngineOutput) -> None:
+        """Count one request's final output (it carries the request's totals)."""
+        fr = out.finish_reason.type if out.finish_reason is not None else "unknown"
         self.requests.labels(client, fr).inc()
-        prompt, cached = meta.get("prompt_tokens", 0), meta.get("cached_tokens", 0)
-        output = meta.get("completion_tokens", 0)
+        prompt, cached, output = out.prompt_tokens, out.cached_tokens, out.completion_tokens
         self.prompt_tokens.labels(client).inc(prompt)
         self.output_tokens.labels(client).inc(output)
         self.cached_tokens.labels(client).inc(cached)
         self.service.labels(client).inc(self.w_in * max(prompt - cached, 0) + self.w_out * output)
-        if meta.get("ttft") is not None:
-            self.ttft.observe(meta["ttft"])
-        if meta.get("e2e_latency") is not None:
-            self.e2e.observe(meta["e2e_latency"])
+        if out.ttft is not None:
+            self.ttft.observe(out.ttft)
+        self.e2e.observe(out.e2e_latency)
 
-    def render(self, engine: Engine) -> bytes:
-        # blocking (waits on the scheduler thread): call from a threadpool handler
-        stats = engine.get_stats()
+    def render(self, stats: EngineStats) -> bytes:
+        values = stats.to_dict()
         for k, g in self.gauges.items():
-            g.set(float(stats[k]))
+            g.set(float(values[k]))
         return generate_latest(self.registry)

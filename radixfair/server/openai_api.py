@@ -1,18 +1,32 @@
-"""OpenAI-compatible adapters: request bodies -> SGLang sampling params, results -> OpenAI objects."""
+"""The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from radixfair.sched.request import Req
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from radixfair.io_struct import (
+    EngineRequest,
+    FinishReason,
+    RequestResult,
+    TokenizedRequest,
+    TokenLogprob,
+    build_requests,
+)
+from radixfair.sampling_params import SamplingParams
+from radixfair.server.auth import client_of
+from radixfair.server.errors import APIError, param_of
 from radixfair.server.protocol import ChatCompletionRequest, CompletionRequest
+from radixfair.server.state import ServerState, State
+from radixfair.server.streaming import SSE_DONE, collect, merge_streams, sse
 
-if TYPE_CHECKING:
-    from radixfair.engine.engine import Engine
+router = APIRouter()
 
 # OpenAI names of the engine's fields, so that an error names what the caller actually sent
 _RENAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -30,7 +44,7 @@ def split_prompt(prompt: Any) -> tuple[str | list[str] | None, list[int] | list[
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         return None, prompt
     if isinstance(prompt, list) and not prompt:
-        return None, []  # the engine answers with "input_ids is empty"
+        return None, []  # answered with "input_ids is empty"
     return prompt, None
 
 
@@ -58,8 +72,11 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
-    """SGLang sampling params from an OpenAI body; None means "the engine's default"."""
+def engine_requests(body: CompletionRequest | ChatCompletionRequest, client: str, max_tokens: int | None,
+                    text: str | list[str] | None, input_ids: list[int] | list[list[int]] | None,
+                    return_logprob: bool, top_logprobs_num: int) -> list[EngineRequest]:
+    """Prompt-major, `n` samples of each prompt in a row (OpenAI's choice order). Fields left out
+    take the engine's defaults; an error names the field as OpenAI calls it."""
     p: dict[str, Any] = {
         "max_new_tokens": max_tokens,
         "min_new_tokens": body.min_tokens,
@@ -77,23 +94,27 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         "seed": body.seed,
         "n": body.n,
     }
-    return {k: v for k, v in p.items() if v is not None}
+    try:
+        sp = SamplingParams.from_dict({k: v for k, v in p.items() if v is not None})
+        reqs, _ = build_requests(text, input_ids, sp, body.rid, client, return_logprob,
+                                 top_logprobs_num=top_logprobs_num, stream=body.stream)
+    except ValueError as e:
+        msg = rename_fields(str(e))
+        raise APIError(msg, param=param_of(msg, "prompt" if "prompt" in msg else None)) from e
+    return reqs
 
 
-def finish_reason(out: dict[str, Any]) -> str | None:
-    fr = out.get("meta_info", {}).get("finish_reason")
-    if not fr:
-        return None
-    return str(fr.get("type"))  # "stop" | "length" | "abort"
+def finish_reason(fr: FinishReason | None) -> str | None:
+    return None if fr is None else fr.type  # "stop" | "length" | "abort"
 
 
 class Completion:
-    """One OpenAI (chat) completion over `reqs`: prompt-major, `n` samples per prompt."""
+    """One OpenAI (chat) completion over its engine requests: prompt-major, `n` samples per prompt."""
 
-    def __init__(self, engine: Engine, reqs: list[Req], model: str, n: int, chat: bool) -> None:
-        self.engine = engine
-        self.reqs = reqs
-        self.model = model
+    def __init__(self, state: ServerState, treqs: list[TokenizedRequest], client: str, n: int, chat: bool) -> None:
+        self.state = state
+        self.treqs = treqs
+        self.client = client
         self.n = max(1, n)
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -101,94 +122,139 @@ class Completion:
         self.object = "chat.completion" if chat else "text_completion"
 
     # ---- usage and logprobs -------------------------------------------------------------------
-    def usage(self, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    def usage(self, results: list[RequestResult]) -> dict[str, Any]:
         # a prompt sampled n times is billed (and cached) once, as OpenAI counts it
-        metas = [o.get("meta_info", {}) for o in outs]
-        prompt = sum(m.get("prompt_tokens", 0) for i, m in enumerate(metas) if i % self.n == 0)
-        cached = sum(m.get("cached_tokens", 0) for i, m in enumerate(metas) if i % self.n == 0)
-        completion = sum(m.get("completion_tokens", 0) for m in metas)
+        firsts = results[:: self.n]
+        prompt = sum(r.prompt_tokens for r in firsts)
+        cached = sum(r.cached_tokens for r in firsts)
+        completion = sum(r.completion_tokens for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    def _tok(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def logprobs(self, out: dict[str, Any], start: int = 0) -> dict[str, Any] | None:
-        meta = out.get("meta_info", {})
-        if "output_token_logprobs" not in meta:
+    def logprobs(self, lps: Sequence[TokenLogprob], wanted: bool) -> dict[str, Any] | None:
+        if not wanted:
             return None
-        lps = meta["output_token_logprobs"][start:]
-        tops = (meta.get("output_top_logprobs") or [None] * len(meta["output_token_logprobs"]))[start:]
+        tok = self.state.token_text
         if self.chat:
             content = []
-            for (lp, tid, _), top in zip(lps, tops, strict=False):
-                tok = self._tok(tid)
+            for x in lps:
+                t = tok(x.token_id)
                 content.append({
-                    "token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                    "top_logprobs": [{"token": self._tok(t), "logprob": tl, "bytes": list(self._tok(t).encode())}
-                                     for tl, t, _ in (top or [])],
+                    "token": t, "logprob": x.logprob, "bytes": list(t.encode()),
+                    "top_logprobs": [{"token": tok(tid), "logprob": tl, "bytes": list(tok(tid).encode())}
+                                     for tl, tid in (x.top or ())],
                 })
             return {"content": content}
-        tokens = [self._tok(tid) for _, tid, _ in lps]
+        tokens = [tok(x.token_id) for x in lps]
         offsets, pos = [], 0
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp for lp, _, _ in lps],
-            "top_logprobs": [None if top is None else {self._tok(t): tl for tl, t, _ in top} for top in tops],
+            "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [None if x.top is None else {tok(tid): tl for tl, tid in x.top} for x in lps],
             "text_offset": offsets,
         }
 
     # ---- whole response -----------------------------------------------------------------------
-    def response(self, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    def response(self, results: list[RequestResult]) -> dict[str, Any]:
         choices = []
-        for i, out in enumerate(outs):
-            choice: dict[str, Any] = {"index": i, "logprobs": self.logprobs(out), "finish_reason": finish_reason(out)}
+        for i, res in enumerate(results):
+            choice: dict[str, Any] = {"index": i, "logprobs": self.logprobs(res.output_logprobs, res.return_logprob),
+                                      "finish_reason": finish_reason(res.finish_reason)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": out.get("text", "")}
+                choice["message"] = {"role": "assistant", "content": res.text}
             else:
-                choice["text"] = out.get("text", "")
+                choice["text"] = res.text
             choices.append(choice)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(outs)}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
+                "choices": choices, "usage": self.usage(results)}
 
     # ---- streaming ----------------------------------------------------------------------------
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                               "created": self.created, "model": self.model, "choices": choices}
+                               "created": self.created, "model": self.state.model_name, "choices": choices}
         if usage is not None:
             obj["usage"] = usage
         return obj
 
     async def stream(self, include_usage: bool = False) -> AsyncIterator[bytes]:
-        from radixfair.server.app import SSE_DONE, merge_streams, sse
-
-        sent_text = [0] * len(self.reqs)
-        sent_lps = [0] * len(self.reqs)
-        finals: list[dict[str, Any]] = [{} for _ in self.reqs]
+        results = [RequestResult(t.rid) for t in self.treqs]
         if self.chat:
             yield sse(self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None} for i in range(len(self.reqs))]))
-        async with aclosing(merge_streams(self.engine, self.reqs)) as outs:
+                                    "logprobs": None, "finish_reason": None} for i in range(len(self.treqs))]))
+        async with aclosing(merge_streams(self.state, self.treqs, self.client)) as outs:
             async for i, out in outs:
-                text = out.get("text", "")
-                delta = text[sent_text[i]:]
-                sent_text[i] = len(text)
-                fr = finish_reason(out) if out["finished"] else None
-                lp = self.logprobs(out, sent_lps[i])
-                sent_lps[i] = len(out.get("meta_info", {}).get("output_token_logprobs", []))
-                if not delta and fr is None:
+                results[i].add(out)
+                fr = finish_reason(out.finish_reason)
+                if not out.text and fr is None:
                     continue  # a token that decoded to no text yet (a partial UTF-8 sequence)
-                choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": fr}
+                wanted = self.treqs[i].request.return_logprob
+                choice: dict[str, Any] = {"index": i, "logprobs": self.logprobs(out.output_logprobs, wanted),
+                                          "finish_reason": fr}
                 if self.chat:
-                    choice["delta"] = {"content": delta} if delta else {}
+                    choice["delta"] = {"content": out.text} if out.text else {}
                 else:
-                    choice["text"] = delta
+                    choice["text"] = out.text
                 yield sse(self._chunk([choice]))
-                if out["finished"]:
-                    finals[i] = out
         if include_usage:
-            yield sse(self._chunk([], self.usage(finals)))
+            yield sse(self._chunk([], self.usage(results)))
         yield SSE_DONE
+
+
+def _usage_wanted(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+async def _respond(state: ServerState, body: CompletionRequest | ChatCompletionRequest, request: Request,
+                   reqs: list[EngineRequest], client: str, chat: bool) -> Response:
+    treqs = await state.tokenize(reqs, rename_fields)
+    oa = Completion(state, treqs, client, body.n, chat=chat)
+    if body.stream:
+        return StreamingResponse(oa.stream(include_usage=_usage_wanted(body)), media_type="text/event-stream")
+    return JSONResponse(oa.response(await collect(state, treqs, client, request)))
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict[str, Any]:
+    return {"object": "list", "data": [{
+        "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "radixfair",
+        "root": state.engine.model_path, "max_model_len": state.engine.context_len,
+    }]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    state.check_model(body.model)
+    if body.echo:
+        raise APIError("echo is not supported", param="echo")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise APIError(f"logprobs: must be in [0, 20] (got {body.logprobs})", param="logprobs")
+    text, ids = split_prompt(body.prompt)
+    client = client_of(request, body.user)
+    reqs = engine_requests(body, client, body.max_tokens, text, ids, body.logprobs is not None, body.logprobs or 0)
+    return await _respond(state, body, request, reqs, client, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           state: State) -> Response:
+    state.check_model(body.model)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise APIError(f"top_logprobs: must be in [0, 20] (got {body.top_logprobs})", param="top_logprobs")
+    try:
+        messages = normalize_messages(body.messages)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from e
+    try:
+        text = state.engine.tokenizer.apply_chat_template(messages)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from e
+    except Exception as e:  # a template error on this input (e.g. roles it rejects) is the caller's
+        raise APIError(f"messages: the chat template failed: {e}", param="messages") from e
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    client = client_of(request, body.user)
+    reqs = engine_requests(body, client, max_tokens, text, None, body.logprobs, body.top_logprobs or 0)
+    return await _respond(state, body, request, reqs, client, chat=True)
+

@@ -234,7 +234,7 @@ class Simulator:
                                          cached_tokens=req.cached_tokens, output_tokens=len(req.output_ids)))
         stats = []
         for w in self.workers:
-            s = w.scheduler.stats
+            s = w.scheduler.stats()
             stats.append({"batches": w.batches, "busy_time": w.busy_time, "hit_rate": s.hit_rate,
                           "prefill_tokens": s.prefill_tokens, "decode_tokens": s.decode_tokens,
                           "retractions": s.retractions})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from radixfair.cache.radix_cache import RadixCache, TreeNode
+    from radixfair.cache.prefix_tree import PrefixTree, TreeNode
     from radixfair.sched.request import Req
 
 
@@ -77,14 +77,14 @@ class SchedulePolicy(ABC):
         is consumed once, within one admission pass, interleaved with may_admit/on_admit calls (so
         an order can react to what the pass already admitted, as VTC's does)."""
 
-    def bind(self, tree: RadixCache) -> None:  # noqa: B027
+    def bind(self, tree: PrefixTree) -> None:  # noqa: B027
         """The radix tree that prefix-aware policies match against; called by the scheduler when it
         starts, and again if its tree is ever replaced."""
 
     def may_admit(self, req: Req) -> bool:
         return True
 
-    def cached_prefix(self, req: Req, tree: RadixCache) -> tuple[TreeNode, int] | None:
+    def cached_prefix(self, req: Req, tree: PrefixTree) -> tuple[TreeNode, int] | None:
         """Where the longest cached prefix of the waiting `req` ends in `tree` (node, tokens into its
         edge), if the policy tracks it; the scheduler then admits `req` without re-matching it."""
         return None

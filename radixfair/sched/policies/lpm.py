@@ -13,7 +13,7 @@ from radixfair.sched.policies.base import PolicyConfig, SchedulePolicy
 from radixfair.sched.prefix_index import PrefixIndex
 
 if TYPE_CHECKING:
-    from radixfair.cache.radix_cache import RadixCache, TreeNode
+    from radixfair.cache.prefix_tree import PrefixTree, TreeNode
     from radixfair.sched.request import Req
 
 
@@ -24,13 +24,13 @@ class PrefixAwarePolicy(SchedulePolicy):
         super().__init__(config)
         self.index = PrefixIndex()
 
-    def bind(self, tree: RadixCache) -> None:
+    def bind(self, tree: PrefixTree) -> None:
         self.index.bind(tree)
 
     def on_arrival(self, req: Req) -> None:
         self.index.add(req)
 
-    def cached_prefix(self, req: Req, tree: RadixCache) -> tuple[TreeNode, int] | None:
+    def cached_prefix(self, req: Req, tree: PrefixTree) -> tuple[TreeNode, int] | None:
         return self.index.anchor(req, tree)
 
     def on_dequeue(self, req: Req) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from radixfair.sched.policies.base import SchedulePolicy
 
 if TYPE_CHECKING:
-    from radixfair.cache.radix_cache import RadixCache, TreeNode
+    from radixfair.cache.prefix_tree import PrefixTree, TreeNode
     from radixfair.sched.request import Req
 
 
@@ -25,7 +25,7 @@ class MeteredPolicy(SchedulePolicy):
         self.service: dict[str, float] = {}
         self._charge_cached = inner.name == "vtc" if charge_cached is None else charge_cached
 
-    def bind(self, tree: RadixCache) -> None:
+    def bind(self, tree: PrefixTree) -> None:
         self.inner.bind(tree)
 
     def on_arrival(self, req: Req) -> None:
@@ -37,7 +37,7 @@ class MeteredPolicy(SchedulePolicy):
     def may_admit(self, req: Req) -> bool:
         return self.inner.may_admit(req)
 
-    def cached_prefix(self, req: Req, tree: RadixCache) -> tuple[TreeNode, int] | None:
+    def cached_prefix(self, req: Req, tree: PrefixTree) -> tuple[TreeNode, int] | None:
         return self.inner.cached_prefix(req, tree)
 
     def refill(self, waiting: Sequence[Req]) -> bool:
