@@ -28,12 +28,12 @@ from radixfair.engine.model_runner import (
     select_device,
     select_dtype,
 )
-from radixfair.engine.tokenizer import Tokenizer
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
 from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
 from radixfair.sched.request import Req, TokenLogprob
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
+from radixfair.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
