@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
-from radixfair.engine.loader import inspect_model, load_state_dict, open_gguf
+from radixfair.engine.loaders import inspect_model, load_state_dict, open_gguf
 from radixfair.engine.model_runner import (
     ModelRunner,
     RunnerConfig,

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixfair.engine.loader import expected_shapes, llama3_rope_factors, permute_qk
+from radixfair.engine.loaders.gguf import llama3_rope_factors, permute_qk
+from radixfair.engine.loaders.shapes import expected_shapes
 from radixfair.engine.model_config import ModelConfig
 
 # HF name fragment -> llama.cpp name fragment (inverse of the loader's mapping).
