@@ -1,7 +1,7 @@
 """GGUF `tokenizer.*` metadata -> a `tokenizers.Tokenizer` that reproduces what the model was trained with.
 
-A GGUF file carries no tokenizer.json, only the vocabulary, its token types, the merges (or SentencePiece scores)
-and the name of llama.cpp's pre-tokenizer; this rebuilds the equivalent HF tokenizer from those.
+A GGUF file carries no tokenizer.json, only the vocabulary, its token types, the merges (or SentencePiece
+scores) and the name of llama.cpp's pre-tokenizer; this rebuilds the equivalent HF tokenizer from those.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from radixfair.tokenizer.spec import TokenizerSpec, unique_ids
 
 
 def read_hf_dir(path: str | os.PathLike[str]) -> TokenizerSpec:
-    """Read tokenizer.json (+ tokenizer_config.json, chat_template.*, generation_config.json) from a HF dir."""
+    """Read tokenizer.json (+ tokenizer_config.json, chat_template.*, generation_config.json) of a HF dir."""
     root = Path(path)
     if root.is_file() and root.name == "tokenizer.json":
         root = root.parent
