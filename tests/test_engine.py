@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_real_model
-from helpers import bounded as _bounded
-from tiny_models import load_hf
+from fixtures.helpers import bounded as _bounded
+from fixtures.tiny_models import load_hf
 
 from radixfair.engine.engine import Engine
 from radixfair.sched.batch import BatchMode, ScheduledBatch
@@ -652,9 +652,9 @@ def test_concurrent_callers(engine: Engine, reference: list[list[int]]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fixtures.gguf_writer import write_gguf
     from safetensors.torch import load_file
 
-    from radixfair.engine.gguf_writer import write_gguf
     from radixfair.engine.loaders import inspect_model
 
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"

@@ -1,4 +1,4 @@
-"""Tests for radixfair.engine.loaders and radixfair.engine.gguf_writer."""
+"""Tests for radixfair.engine.loaders and the GGUF writer the tests use (fixtures.gguf_writer)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from fixtures.gguf_writer import write_gguf
 
-from radixfair.engine.gguf_writer import write_gguf
 from radixfair.engine.loaders import (
     DEFAULT_MODEL_FILENAME,
     ModelFiles,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import load_hf
+from fixtures.tiny_models import load_hf
 
 from radixfair.engine.loaders import inspect_model, load_state_dict
 from radixfair.engine.model_runner import ModelRunner, RunnerConfig
