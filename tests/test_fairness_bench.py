@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import bounded
+from fixtures.helpers import bounded
 
 from radixfair.bench.fairness_workload import WorkloadConfig, make_workload
 from radixfair.cli import main

@@ -1,4 +1,4 @@
-"""Tests for radixfair.engine.loader and radixfair.engine.gguf_writer."""
+"""Tests for radixfair.engine.loaders and the GGUF writer the tests use (fixtures.gguf_writer)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from fixtures.gguf_writer import write_gguf
 
-from radixfair.engine.gguf_writer import write_gguf
-from radixfair.engine.loader import (
+from radixfair.engine.loaders import (
     DEFAULT_MODEL_FILENAME,
     ModelFiles,
     ModelLoadError,
-    _open_gguf,
     default_model_path,
     inspect_model,
     load_state_dict,
-    permute_qk,
-    unpermute_qk,
+    open_gguf,
 )
+from radixfair.engine.loaders.gguf import permute_qk, unpermute_qk
 from radixfair.engine.model_config import ModelConfig, RopeScaling
 
 transformers = pytest.importorskip("transformers")
@@ -298,7 +297,7 @@ def test_default_gguf_loads() -> None:
     proc = getattr(tg, "LlamaTensorProcessor", None)
     if proc is not None:
         # Reuse the loader's cached reader: parsing this file's metadata again would cost seconds.
-        raw = next(t for t in _open_gguf(path, path).tensors if t.name == "blk.3.attn_k.weight")
+        raw = next(t for t in open_gguf(path).tensors if t.name == "blk.3.attn_k.weight")
         raw_k = gguf.quants.dequantize(raw.data, raw.tensor_type).reshape(192, 576)
         ref = proc(config={})._reverse_permute_weights(raw_k, 9, 3)
         np.testing.assert_array_equal(state["model.layers.3.self_attn.k_proj.weight"].numpy(), ref)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import load_hf
+from fixtures.tiny_models import load_hf
 
-from radixfair.engine.loader import inspect_model, load_state_dict
+from radixfair.engine.loaders import inspect_model, load_state_dict
 from radixfair.engine.model_runner import ModelRunner, RunnerConfig
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchMode, ScheduledBatch

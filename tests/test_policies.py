@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from helpers import TrackingAllocator, fit
+from fixtures.helpers import TrackingAllocator, fit
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from test_scheduler import FakeExecutor, Trace, check_complete, drive, prefix_hashes

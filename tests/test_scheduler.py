@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from helpers import TrackingAllocator, fit
+from fixtures.helpers import TrackingAllocator, fit
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 

