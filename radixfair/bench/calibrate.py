@@ -268,7 +268,7 @@ def simulate(engine: Any, cost_model: CostModel, trace: Sequence[Any]) -> Any:
     """The trace in the simulator with `cost_model` and the engine's own scheduler settings."""
     from radixfair.sim.simulator import SimConfig, Simulator
 
-    sched = engine.scheduler.config
+    sched = engine.scheduler_config
     cfg = SimConfig(policy=engine.args.schedule_policy, max_total_tokens=sched.max_total_tokens,
                     max_running_requests=sched.max_running_requests, max_prefill_tokens=sched.max_prefill_tokens,
                     chunked_prefill_size=sched.chunked_prefill_size, max_context_len=sched.max_context_len,
