@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from radixfair.bench.fairness_workload import Arrival, Workload
-from radixfair.metrics import RequestRecord, ServiceEvent
+from radixfair.metrics import RequestRecord, ServiceEvent, charged_service
 
 if TYPE_CHECKING:
     from radixfair.engine.engine import Engine
@@ -103,8 +103,9 @@ async def _consume(engine: Engine, req: Any, lv: _Live, t0: float, w_in: float, 
                 lv.cached_tokens = int(meta.get("cached_tokens", 0))
                 lv.first_token = lv.t_arrival + float(meta.get("ttft", now - lv.t_arrival))
                 # the prompt's uncached part is charged when its prefill shows (with the first token)
-                lv.events.append(ServiceEvent(now, lv.arrival.client, w_in * (lv.prompt_tokens - lv.cached_tokens)))
-            lv.events.append(ServiceEvent(now, lv.arrival.client, w_out * (n - lv.output_tokens)))
+                uncached = lv.prompt_tokens - lv.cached_tokens
+                lv.events.append(ServiceEvent(now, lv.arrival.client, charged_service(uncached, 0, w_in, w_out)))
+            lv.events.append(ServiceEvent(now, lv.arrival.client, charged_service(0, n - lv.output_tokens, w_in, w_out)))
             lv.output_tokens = n
         if out["finished"]:
             reason = (meta.get("finish_reason") or {}).get("type")

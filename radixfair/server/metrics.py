@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from radixfair.engine.engine import Engine
+from radixfair.metrics.service import charged_service
 
 # engine stat -> (metric name, help); read from Engine.get_stats() on each scrape
 _GAUGES = {
@@ -32,7 +33,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 class ServerMetrics:
-    def __init__(self, w_in: float = 1.0, w_out: float = 2.0) -> None:
+    def __init__(self, w_in: float, w_out: float) -> None:
         self.w_in, self.w_out = w_in, w_out
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(name, doc, registry=self.registry) for k, (name, doc) in _GAUGES.items()}
@@ -62,7 +63,7 @@ class ServerMetrics:
         self.prompt_tokens.labels(client).inc(prompt)
         self.output_tokens.labels(client).inc(output)
         self.cached_tokens.labels(client).inc(cached)
-        self.service.labels(client).inc(self.w_in * max(prompt - cached, 0) + self.w_out * output)
+        self.service.labels(client).inc(charged_service(max(prompt - cached, 0), output, self.w_in, self.w_out))
         if meta.get("ttft") is not None:
             self.ttft.observe(meta["ttft"])
         if meta.get("e2e_latency") is not None:

@@ -26,6 +26,7 @@ from radixfair.metrics.fairness import (
     ServiceEvent,
     fairness_report,
 )
+from radixfair.metrics.service import charged_service
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchOutput, ScheduledBatch
 from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, PolicyConfig, make_policy
@@ -183,11 +184,12 @@ class Simulator:
             if new <= 0:
                 continue
             i = self._index[id(req)]
-            amount = cfg.w_out * new
+            uncached = 0
             if self._first[i] is None:
                 # the prefill's input is charged with its first token, as RequestRecord.charged does
                 self._first[i] = self.now
-                amount += cfg.w_in * (len(req.origin_input_ids) - req.cached_tokens)
+                uncached = len(req.origin_input_ids) - req.cached_tokens
+            amount = charged_service(uncached, new, cfg.w_in, cfg.w_out)
             self._events.append(ServiceEvent(self.now, req.client_id, amount))
         for req in finished:
             self._finished(req)
