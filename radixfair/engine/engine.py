@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,43 +29,14 @@ from radixfair.engine.model_runner import (
     select_dtype,
 )
 from radixfair.engine.tokenizer import Tokenizer
+from radixfair.engine_args import EngineArgs
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
-from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
+from radixfair.sched.policies import PolicyConfig, make_policy
 from radixfair.sched.request import Req, TokenLogprob
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    model: str | None = None  # GGUF file or HF folder; None: the default SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    device: str = "auto"
-    max_total_tokens: int | None = None  # KV pool slots; None: from mem_fraction_static
-    mem_fraction_static: float | None = None  # None: 0.85 on CUDA, 0.15 of RAM on CPU
-    max_running_requests: int = 128
-    max_prefill_tokens: int = 8192
-    chunked_prefill_size: int = 2048
-    context_length: int | None = None
-    schedule_policy: str = DEFAULT_POLICY  # fcfs | lpm | dfs-weight | vtc | dlpm
-    w_in: float = 1.0  # cost of an uncached prompt token (VTC: of any prompt token)
-    w_out: float = 2.0  # cost of an output token
-    dlpm_quantum: float = DEFAULT_DLPM_QUANTUM  # tokens of service per client per DLPM round
-    client_weights: dict[str, float] = field(default_factory=dict)  # client id -> share; others 1
-    disable_radix_cache: bool = False
-    random_seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads on CPU
-    debug_invariants: bool = False  # raise (not just log) when the KV invariant breaks at idle
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
-        return cls(**kwargs)
 
 
 @dataclass
