@@ -268,11 +268,8 @@ def simulate(engine: Any, cost_model: CostModel, trace: Sequence[Any]) -> Any:
     """The trace in the simulator with `cost_model` and the engine's own scheduler settings."""
     from radixfair.sim.simulator import SimConfig, Simulator
 
-    sched = engine.scheduler.config
-    cfg = SimConfig(policy=engine.args.schedule_policy, max_total_tokens=sched.max_total_tokens,
-                    max_running_requests=sched.max_running_requests, max_prefill_tokens=sched.max_prefill_tokens,
-                    chunked_prefill_size=sched.chunked_prefill_size, max_context_len=sched.max_context_len,
-                    disable_radix_cache=sched.disable_radix_cache, vocab_size=int(engine.model_config.vocab_size))
+    cfg = SimConfig(policy=engine.args.schedule_policy, scheduler=engine.scheduler.config,
+                    policy_config=engine.args.policy_config(), vocab_size=int(engine.model_config.vocab_size))
     return Simulator(trace, cost_model, cfg).run()
 
 
