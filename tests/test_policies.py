@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from test_scheduler import FakeExecutor, Trace, TrackingAllocator, check_complete, drive, prefix_hashes
 
+from radixfair.bench.schedule_bench import BenchShape, time_decisions
 from radixfair.cache.allocator import SlotAllocator
 from radixfair.cache.radix_cache import RadixCache, TreeNode
 from radixfair.cli import build_parser, engine_args
 from radixfair.engine_args import EngineArgs
 from radixfair.sampling_params import SamplingParams
-from radixfair.sched.bench import BenchShape, time_decisions
 from radixfair.sched.policies import POLICIES, PolicyConfig, SchedulePolicy, make_policy
 from radixfair.sched.policies.dlpm import DLPMPolicy
 from radixfair.sched.policies.meter import MeteredPolicy
@@ -690,7 +690,7 @@ def test_policies_import_no_torch() -> None:
     import sys
 
     code = (
-        "import sys, radixfair.sched.scheduler, radixfair.sched.policies, radixfair.sched.bench; "
+        "import sys, radixfair.sched.scheduler, radixfair.sched.policies, radixfair.bench.schedule_bench; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

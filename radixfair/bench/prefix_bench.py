@@ -47,7 +47,7 @@ def run_once(ns: argparse.Namespace, disable: bool, prompts: list[list[int]] | N
 
 
 def main(ns: argparse.Namespace) -> int:
-    from radixfair.cache.bench import bench_match_prefix
+    from radixfair.bench.match_prefix_bench import bench_match_prefix
 
     print(f"{ns.num_requests} requests: shared prefix {ns.prefix_len} + unique suffix {ns.suffix_len} tokens, "
           f"{ns.output_len} output tokens each")

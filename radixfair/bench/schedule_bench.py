@@ -6,7 +6,7 @@ question about a cached document, some continue a past exchange, a few bring a n
 timed step is `Scheduler.schedule()` (policy order + admission pass + batch assembly); between steps
 (untimed) the batch "runs", its requests finish and new ones arrive so 4,096 keep waiting.
 
-`python -m radixfair.sched.bench` prints the medians; the re-match line is what SGLang's LPM would
+`python -m radixfair.bench.schedule_bench` prints the medians; the re-match line is what SGLang's LPM would
 pay per decision (match every waiting request against the tree, then sort), which is why it falls
 back to FCFS past 128 waiting requests.
 """
@@ -147,7 +147,7 @@ def time_rematch(shape: BenchShape, repeats: int, seed: int = 0) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m radixfair.sched.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m radixfair.bench.schedule_bench", description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="lpm,dlpm,fcfs")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--waiting", type=int, default=BenchShape.waiting)
