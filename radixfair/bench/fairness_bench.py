@@ -15,12 +15,13 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from radixfair.bench.fairness_driver import RunResult, replay
 from radixfair.bench.fairness_workload import (
+    FAIRNESS_TRACE,
     Workload,
-    WorkloadConfig,
     default_pool_tokens,
     make_workload,
     workload_from_trace,
@@ -77,7 +78,7 @@ def run_policy(policy: str, wl: Workload, kw: dict[str, Any], ns: argparse.Names
     engine = Engine(schedule_policy=policy, **kw)
     try:
         # one-time costs (first forward, allocator warm-up) should not land in the first window
-        engine.generate(input_ids=wl.documents[wl.clients[0]][:32],
+        engine.generate(input_ids=wl.arrivals[0].input_ids[:32],
                         sampling_params={"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True})
         engine.flush_cache()
         # redirected to a file, a bar redrawn every 0.1 s would bury the tables
@@ -134,7 +135,7 @@ def analyze(run: RunResult, wl: Workload, window: float, w_in: float, w_out: flo
         "w_in": w_in,
         "w_out": w_out,
         "heavy_client": wl.heavy_client,
-        "heavy_factor": wl.config.heavy_factor,
+        "heavy_factor": wl.heavy_factor,
         "retractions": run.engine_stats.get("retractions"),
         "evicted_tokens": run.engine_stats.get("evicted_tokens"),
         "max_total_tokens": run.engine_stats.get("max_total_tokens"),
@@ -190,20 +191,19 @@ def main(ns: argparse.Namespace) -> int:
 
         wl = workload_from_trace(read_jsonl(ns.trace), vocab, ns.duration)
     else:
-        wl = make_workload(WorkloadConfig(
-            num_clients=ns.clients, duration=ns.duration if ns.duration is not None else WorkloadConfig().duration,
-            rate=ns.rate, heavy_factor=ns.heavy_factor, doc_len=ns.doc_len, question_len=ns.question_len,
-            output_len=ns.output_len, seed=ns.seed), vocab)
-    cfg = wl.config
-    ns.duration = cfg.duration  # the driver and the progress bar read it
+        duration = FAIRNESS_TRACE.duration if ns.duration is None else ns.duration
+        wl = make_workload(replace(
+            FAIRNESS_TRACE, num_clients=ns.clients, duration=duration, rate=ns.rate, heavy_factor=ns.heavy_factor,
+            doc_len=ns.doc_len, question_len=ns.question_len, output_len=ns.output_len, seed=ns.seed), vocab)
+    ns.duration = wl.duration  # the driver and the progress bar read it
     if ns.window <= 0 or ns.window > ns.duration:
         raise ValueError(f"--window must be in (0, {ns.duration:g}] (the run's duration), got {ns.window}")
-    pool = ns.max_total_tokens or default_pool_tokens(cfg)
+    pool = ns.max_total_tokens or default_pool_tokens(wl)
     kw = engine_kwargs(ns, pool)
-    light = f"the rest at {cfg.rate:.3g}/s" + (" on average" if ns.trace else "")
+    light = f"the rest at {wl.rate:.3g}/s" + (" on average" if ns.trace else "")
     print(f"{len(wl.arrivals)} requests in {ns.duration:g} s from {len(wl.clients)} clients "
           f"({wl.heavy_client} at {wl.rate_of(wl.heavy_client):.3g}/s, {light}); prompts "
-          f"{cfg.doc_len[0]}-{cfg.doc_len[1]} tokens{' (with questions)' if ns.trace else ''}, KV pool {pool} "
+          f"{wl.doc_len[0]}-{wl.doc_len[1]} tokens{' (with questions)' if ns.trace else ''}, KV pool {pool} "
           f"tokens, DLPM quantum {ns.dlpm_quantum:g}; cut off at {ns.duration:g} s (no drain)")
     rows = []
     t = time.perf_counter()
@@ -224,7 +224,7 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    d = WorkloadConfig()
+    d = FAIRNESS_TRACE
     p = sub.add_parser("fairness", help="scheduling policies under an overloaded multi-client document-QA load")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list (default {DEFAULT_POLICIES})")
     p.add_argument("--clients", type=int, default=d.num_clients)
