@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 # More than one long-document prompt (twice the default chunk size), so a client that pays to load a
-# document gets to use it within the same round. On the long-document QA sweep (README, "Scheduling
-# policies") it keeps LPM's hit rate within 3 points and cuts LPM's service gap by 23-60%.
+# document gets to use it within the same round. README, "The quantum", derives it from
+# `radixfair bench sim --scenario quantum-sweep`.
 DEFAULT_DLPM_QUANTUM = 4096
 
 
