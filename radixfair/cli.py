@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
+from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from radixfair.server.server_args import ServerArgs
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete one prompt and print the result")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
