@@ -690,7 +690,8 @@ def test_policies_import_no_torch() -> None:
     import sys
 
     code = (
-        "import sys, radixfair.sched.scheduler, radixfair.sched.policies, radixfair.bench.schedule_bench; "
+        "import sys, radixfair.sched.scheduler, radixfair.sched.policies, radixfair.bench.schedule_bench, "
+        "radixfair.engine_args; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
