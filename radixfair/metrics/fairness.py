@@ -111,10 +111,11 @@ def jain_index(values: Iterable[float]) -> float:
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
         return math.nan
-    sq = float(np.sum(x * x))
-    if sq == 0.0:
+    top = float(np.max(np.abs(x)))
+    if top == 0.0:
         return 1.0
-    return float(np.sum(x) ** 2 / (x.size * sq))
+    x = x / top  # the index is scale-free; this keeps x * x from underflowing for tiny values
+    return float(np.sum(x) ** 2 / (x.size * np.sum(x * x)))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
