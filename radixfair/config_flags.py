@@ -2,9 +2,10 @@
 
 A field declared with `flag(default, help, ...)` becomes `--kebab-case-name`: its type comes from
 the annotation (`int`, `float`, `str`, or one of those `| None`; a `bool` defaulting to False is a
-switch), its default and help from the declaration, plus `choices`, a `parse` function for values
-argparse cannot convert by type (a mapping, say), a `metavar`, and an `exclusive` group name for
-flags that cannot be given together. Fields declared otherwise are not flags.
+switch), its default and help from the declaration, plus what a None default means (`none_means`,
+for the help), `choices`, a `parse` function for values argparse cannot convert by type (a mapping,
+say), a `metavar`, and an `exclusive` group name for flags that cannot be given together. Fields
+declared otherwise are not flags.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ _FLAG = "flag"
 @dataclasses.dataclass(frozen=True)
 class _Flag:
     help: str
+    none_means: str | None
     choices: Sequence[Any] | None
     parse: Callable[[str], Any] | None
     metavar: str | None
     exclusive: str | None
 
 
-def flag(default: T, help: str, *, choices: Sequence[Any] | None = None, parse: Callable[[str], Any] | None = None,
-         metavar: str | None = None, exclusive: str | None = None) -> T:
+def flag(default: T, help: str, *, none_means: str | None = None, choices: Sequence[Any] | None = None,
+         parse: Callable[[str], Any] | None = None, metavar: str | None = None, exclusive: str | None = None) -> T:
     """A dataclass field that is also a command-line flag. A dict default is copied per instance."""
-    meta = {_FLAG: _Flag(help, choices, parse, metavar, exclusive)}
+    meta = {_FLAG: _Flag(help, none_means, choices, parse, metavar, exclusive)}
     if isinstance(default, dict):
         # the type checker sees the default; the dataclass gets a field that copies it
         return typing.cast(T, dataclasses.field(default_factory=lambda: dict(default), metadata=meta))
@@ -63,7 +65,7 @@ def add_flags(parser: _Container, cls: type, *, only: Iterable[str] | None = Non
     for f in fields:
         spec: _Flag = f.metadata[_FLAG]
         default = overrides[f.name] if f.name in overrides else _default(f)
-        kwargs: dict[str, Any] = {"default": default, "help": _help(spec.help, default)}
+        kwargs: dict[str, Any] = {"default": default, "help": _help(spec, default)}
         kind = _base_type(hints[f.name], f.name)
         if kind is bool:
             if default is not False:
@@ -107,10 +109,12 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def _help(text: str, default: Any) -> str:
-    if default is None or isinstance(default, bool) or (isinstance(default, Mapping) and not default):
-        return text
-    return f"{text} (default: %(default)s)"
+def _help(spec: _Flag, default: Any) -> str:
+    if default is None:
+        return spec.help if spec.none_means is None else f"{spec.help} (default: {spec.none_means})"
+    if isinstance(default, bool) or (isinstance(default, Mapping) and not default):
+        return spec.help
+    return f"{spec.help} (default: %(default)s)"
 
 
 def _base_type(annotation: Any, name: str) -> type:

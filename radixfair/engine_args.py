@@ -33,20 +33,19 @@ def parse_client_weights(text: str) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class EngineArgs:
-    model: str | None = flag(None, "GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    model: str | None = flag(None, "GGUF file or Hugging Face folder", none_means="SmolLM2-135M-Instruct")
     dtype: str = flag("auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs with native "
                               "bf16, float32 on other CPUs", choices=DTYPES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
-    max_total_tokens: int | None = flag(None, "KV pool size in tokens (default: from --mem-fraction-static)")
-    mem_fraction_static: float | None = flag(
-        None, "memory share for the KV pool when --max-total-tokens is not given (default: 0.85 on CUDA, "
-              "0.15 of RAM on CPU)")
+    max_total_tokens: int | None = flag(None, "KV pool size in tokens", none_means="from --mem-fraction-static")
+    mem_fraction_static: float | None = flag(None, "memory share for the KV pool when --max-total-tokens is not given",
+                                             none_means="0.85 on CUDA, 0.15 of RAM on CPU")
     max_running_requests: int = flag(SchedulerConfig.max_running_requests, "decode batch limit")
     max_prefill_tokens: int = flag(SchedulerConfig.max_prefill_tokens, "input tokens per prefill batch")
     chunked_prefill_size: int = flag(SchedulerConfig.chunked_prefill_size,
                                      "long prompts are prefilled in chunks of this many tokens; -1 disables "
                                      "chunked prefill")
-    context_length: int | None = flag(None, "cap on prompt + output tokens (default: the model's)")
+    context_length: int | None = flag(None, "cap on prompt + output tokens", none_means="the model's")
     schedule_policy: str = flag(DEFAULT_POLICY, "waiting-queue policy", choices=tuple(POLICIES))
     w_in: float = flag(PolicyConfig.w_in, "cost of an uncached prompt token; vtc charges cached ones too")
     w_out: float = flag(PolicyConfig.w_out, "cost of an output token")
@@ -56,7 +55,7 @@ class EngineArgs:
                                             parse=parse_client_weights, metavar="ALICE=2,BOB=1")
     disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
     random_seed: int = flag(0, "seed of torch's generator")
-    num_threads: int | None = flag(None, "torch CPU threads (default: torch's)")
+    num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
     # not a flag: tests turn it on
     debug_invariants: bool = False  # raise (not just log) when the KV invariant breaks at idle
 

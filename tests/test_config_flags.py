@@ -19,7 +19,7 @@ def _pair(text: str) -> dict[str, float]:
 @dataclass(frozen=True)
 class Settings:
     batch_size: int = flag(8, "requests per batch")
-    rate: float | None = flag(None, "requests/s (default: unlimited)")
+    rate: float | None = flag(None, "requests/s", none_means="unlimited")
     mode: str = flag("fast", "how to run", choices=("fast", "slow"))
     verbose: bool = flag(False, "say more")
     weights: dict[str, float] = flag({}, "NAME=W", parse=_pair, metavar="NAME=W")
@@ -54,9 +54,12 @@ def test_flags_take_name_type_choices_and_parse_from_the_fields() -> None:
 def test_help_states_defaults_and_a_command_may_change_some() -> None:
     p = argparse.ArgumentParser()
     add_flags(p, Settings, only=("batch_size", "rate", "weights"), defaults={"batch_size": 64})
-    text = p.format_help()
-    assert "requests per batch (default: 64)" in text and "(default: unlimited)" in text
+    text = " ".join(p.format_help().split())
+    assert "requests per batch (default: 64)" in text and "requests/s (default: unlimited)" in text
     assert "(default: None)" not in text and "(default: {})" not in text and "--mode" not in text
+    q = argparse.ArgumentParser()
+    add_flags(q, Settings, only=("rate",), defaults={"rate": 2.0})
+    assert "requests/s (default: 2.0)" in " ".join(q.format_help().split())
     ns = p.parse_args([])
     assert flag_values(Settings, ns, only=("batch_size", "rate")) == {"batch_size": 64, "rate": None}
 
