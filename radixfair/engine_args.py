@@ -56,8 +56,8 @@ class EngineArgs:
     disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
     random_seed: int = flag(0, "seed of torch's generator")
     num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
-    # not a flag: tests turn it on
-    debug_invariants: bool = False  # raise (not just log) when the KV invariant breaks at idle
+    # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
+    debug_invariants: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
