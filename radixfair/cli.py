@@ -6,66 +6,38 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from radixfair.config_flags import add_flags, flag_values
+from radixfair.engine_args import EngineArgs
+from radixfair.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixfair.server.server_args import ServerArgs
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
-    g.add_argument("--mem-fraction-static", type=float, default=None,
-                   help="memory share for the KV pool when --max-total-tokens is not given")
-    g.add_argument("--max-running-requests", type=int, default=128)
-    g.add_argument("--max-prefill-tokens", type=int, default=8192)
-    g.add_argument("--chunked-prefill-size", type=int, default=2048, help="-1 disables chunked prefill")
-    g.add_argument("--context-length", type=int, default=None)
-    from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, POLICIES
-
-    def client_weights(text: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for item in filter(None, (x.strip() for x in text.split(","))):
-            name, eq, value = item.partition("=")
-            try:
-                w = float(value)
-            except ValueError:
-                w = float("nan")
-            if not eq or not name.strip() or not w > 0 or w == float("inf"):
-                raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT with a weight > 0, got {item!r}")
-            out[name.strip()] = w
-        return out
-
-    g.add_argument("--schedule-policy", default=DEFAULT_POLICY, choices=list(POLICIES),
-                   help="waiting-queue policy (default: %(default)s)")
-    g.add_argument("--w-in", type=float, default=1.0, help="cost of an uncached prompt token")
-    g.add_argument("--w-out", type=float, default=2.0, help="cost of an output token")
-    g.add_argument("--dlpm-quantum", type=float, default=DEFAULT_DLPM_QUANTUM,
-                   help="service (in cost units) each client gets per DLPM round")
-    g.add_argument("--client-weights", type=client_weights, default={}, metavar="ALICE=2,BOB=1",
-                   help="per-client shares for vtc and dlpm; unnamed clients weigh 1")
-    g.add_argument("--disable-radix-cache", action="store_true")
-    g.add_argument("--random-seed", type=int, default=0)
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    add_flags(p.add_argument_group("engine"), EngineArgs)
 
 
-def engine_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
-    keys = [
-        "model", "dtype", "device", "max_total_tokens", "mem_fraction_static", "max_running_requests",
-        "max_prefill_tokens", "chunked_prefill_size", "context_length", "schedule_policy",
-        "w_in", "w_out", "dlpm_quantum", "client_weights",
-        "disable_radix_cache", "random_seed", "num_threads",
-    ]
-    return {k: getattr(ns, k) for k in keys}
+def engine_args(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**flag_values(EngineArgs, ns))
+
+
+def server_args(ns: argparse.Namespace) -> ServerArgs:
+    from radixfair.server.server_args import ServerArgs
+
+    return ServerArgs(**flag_values(ServerArgs, ns))
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from radixfair.engine.engine import Engine
 
-    kw = engine_kwargs(ns)
-    if kw["max_total_tokens"] is None:
-        kw["max_total_tokens"] = 16384  # one prompt: no need to reserve a big pool
-    with Engine(**kw) as engine:
+    args = engine_args(ns)
+    if args.max_total_tokens is None:
+        args = replace(args, max_total_tokens=16384)  # one prompt: no need to reserve a big pool
+    with Engine(args=args) as engine:
         prompt = ns.prompt
         if ns.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -86,30 +58,30 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def load_api_keys(ns: argparse.Namespace) -> dict[str, Any] | None:
+def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
     """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON
     `{"KEY": "alice"}` or `{"KEY": {"client": "alice", "weight": 2}}`."""
     import json
 
     from radixfair.server.app import ServerClient
 
-    if ns.api_key is not None:
-        if not ns.api_key:
+    if server.api_key is not None:
+        if not server.api_key:
             raise ValueError("--api-key is empty")
-        return {ns.api_key: ServerClient("default")}
-    if ns.api_keys is None:
+        return {server.api_key: ServerClient("default")}
+    if server.api_keys is None:
         return None
-    with open(ns.api_keys, encoding="utf-8") as f:
+    with open(server.api_keys, encoding="utf-8") as f:
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--api-keys {ns.api_keys}: not valid JSON ({e})") from e
+            raise ValueError(f"--api-keys {server.api_keys}: not valid JSON ({e})") from e
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"--api-keys {ns.api_keys}: expected a non-empty object of KEY -> client")
+        raise ValueError(f"--api-keys {server.api_keys}: expected a non-empty object of KEY -> client")
     keys: dict[str, Any] = {}
     for i, (key, v) in enumerate(raw.items()):
         # the error names the entry by position: a message must never echo a key
-        where = f"--api-keys {ns.api_keys}: entry {i + 1}"
+        where = f"--api-keys {server.api_keys}: entry {i + 1}"
         if not key:
             raise ValueError(f"{where}: empty key")
         if isinstance(v, str):
@@ -133,20 +105,21 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from radixfair.engine.engine import Engine
     from radixfair.server.app import create_app
 
-    keys = load_api_keys(ns)
-    kw = engine_kwargs(ns)
+    opts = server_args(ns)
+    keys = load_api_keys(opts)
+    args = engine_args(ns)
     if keys:
         # weights from the key file feed the fair policies; --client-weights still wins
         weights = {c.client: c.weight for c in keys.values() if c.weight != 1.0}
-        kw["client_weights"] = {**weights, **kw["client_weights"]}
+        args = replace(args, client_weights={**weights, **args.client_weights})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly while the model loads
     try:
-        with Engine(**kw) as engine:
-            app = create_app(engine, keys, ns.max_body_bytes)
-            config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level.lower(),
+        with Engine(args=args) as engine:
+            app = create_app(engine, keys, opts.max_body_bytes)
+            config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=ns.log_level.lower(),
                                     timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
-            host = f"[{ns.host}]" if ":" in ns.host else ns.host
+            host = f"[{opts.host}]" if ":" in opts.host else opts.host
 
             # uvicorn installs its own SIGINT/SIGTERM handlers (graceful shutdown) inside run(); the URL
             # is printed from a watcher so it appears only once the socket is bound
@@ -154,7 +127,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
                 while not server.started and not server.should_exit:
                     time.sleep(0.05)
                 if server.started:
-                    print(f"radixfair: serving {engine.model_path} at http://{host}:{ns.port}", flush=True)
+                    print(f"radixfair: serving {engine.model_path} at http://{host}:{opts.port}", flush=True)
 
             threading.Thread(target=announce, name="radixfair-announce", daemon=True).start()
             server.run()
@@ -171,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete one prompt and print the result")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -180,14 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, local only)")
-    s.add_argument("--port", type=int, default=30000)
-    auth = s.add_mutually_exclusive_group()
-    auth.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    auth.add_argument("--api-keys", default=None, metavar="FILE",
-                      help='JSON {"KEY": {"client": "alice", "weight": 2}}: per-key client identity')
-    s.add_argument("--max-body-bytes", type=int, default=8 << 20,
-                   help="larger request bodies are refused with 413 (default: %(default)s)")
+    from radixfair.server.server_args import ServerArgs
+
+    add_flags(s, ServerArgs)
     add_engine_args(s)
     s.set_defaults(func=_cmd_serve)
 

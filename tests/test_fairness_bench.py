@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fixtures.helpers import bounded
 
-from radixfair.bench.fairness_workload import WorkloadConfig, make_workload
+from radixfair.bench.fairness_workload import FAIRNESS_TRACE, make_workload
 from radixfair.cli import main
 
 ROW_FIELDS = {"policy", "throughput", "hit_rate", "jain", "max_service_diff", "avg_service_diff", "p50_latency",
@@ -18,8 +18,8 @@ ROW_FIELDS = {"policy", "throughput", "hit_rate", "jain", "max_service_diff", "a
 
 
 def test_workload_is_seeded_and_shaped() -> None:
-    cfg = WorkloadConfig(num_clients=4, duration=50, rate=2.0, heavy_factor=4, doc_len=(100, 120),
-                         question_len=(5, 9), output_len=(3, 6), seed=7)
+    cfg = replace(FAIRNESS_TRACE, num_clients=4, duration=50, rate=2.0, heavy_factor=4, doc_len=(100, 120),
+                  question_len=(5, 9), output_len=(3, 6), seed=7)
     wl = make_workload(cfg, vocab_size=1000)
     assert make_workload(cfg, vocab_size=1000) == wl
     assert make_workload(replace(cfg, seed=8), vocab_size=1000) != wl
@@ -28,13 +28,24 @@ def test_workload_is_seeded_and_shaped() -> None:
     counts = {c: sum(a.client == c for a in wl.arrivals) for c in wl.clients}
     # Poisson counts around 100 per normal client, 400 for the heavy one
     assert wl.heavy_client == "c0" and counts["c0"] > 2.5 * max(counts[c] for c in ("c1", "c2", "c3"))
+    assert wl.rate_of("c0") == 8.0 and wl.rate_of("c1") == 2.0 and wl.heavy_factor == 4
+    # a client's document is what all its prompts share
+    documents = {c: _common_prefix([a.input_ids for a in wl.arrivals if a.client == c]) for c in wl.clients}
     for a in wl.arrivals:
-        doc = wl.documents[a.client]
-        assert 100 <= len(doc) <= 120 and a.input_ids[: len(doc)] == doc
+        doc = documents[a.client]
+        assert 100 <= len(doc) <= 120
         assert 5 <= len(a.input_ids) - len(doc) <= 9 and 3 <= a.max_new_tokens <= 6
         assert all(100 <= t < 1000 for t in a.input_ids)  # none from the special range at the start
     # each client's document is its own
-    assert len({tuple(d) for d in wl.documents.values()}) == 4
+    assert len({tuple(d[:100]) for d in documents.values()}) == 4
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    n = min(map(len, seqs))
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return seqs[0][:i]
+    return seqs[0][:n]
 
 
 def test_unknown_policy_fails_before_any_engine(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,10 +101,10 @@ def test_workload_from_a_simulator_trace() -> None:
         (r.time, r.client, r.output_len) for r in trace]
     assert all(a.input_ids == r.input_ids(500) for a, r in zip(wl.arrivals, trace, strict=True))
     assert wl.clients == ("c0", "c1", "c2") and wl.heavy_client == "c0"
-    span = wl.config.duration
+    span = wl.duration
     assert wl.rate_of("c0") == pytest.approx(sum(r.client == "c0" for r in trace) / span)
     cut = workload_from_trace(trace, vocab_size=500, duration=5.0)
-    assert cut.config.duration == 5.0 and all(a.time < 5.0 for a in cut.arrivals) and len(cut.arrivals) < len(trace)
+    assert cut.duration == 5.0 and all(a.time < 5.0 for a in cut.arrivals) and len(cut.arrivals) < len(trace)
     with pytest.raises(ValueError, match="before"):
         workload_from_trace(trace, vocab_size=500, duration=1e-6)
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from radixfair.bench.match_prefix_bench import bench_match_prefix
 from radixfair.cache.allocator import SlotAllocator
-from radixfair.cache.bench import bench_match_prefix
 from radixfair.cache.prefix_tree import TreeNode
 from radixfair.cache.prefix_tree import common_prefix_len as _common_prefix_len
 from radixfair.cache.radix_cache import RadixCache

@@ -375,18 +375,20 @@ def test_curl_style_form_content_type(http: httpx.Client) -> None:
 
 # ---- command line --------------------------------------------------------------------------------------------
 def test_api_keys_file(tmp_path: Path) -> None:
-    from radixfair.cli import build_parser, load_api_keys
+    from radixfair.cli import build_parser, load_api_keys, server_args
 
     f = tmp_path / "keys.json"
     f.write_text(json.dumps({"sk-1": {"client": "alice", "weight": 2}, "sk-2": "bob"}))
     ns = build_parser().parse_args(["serve", "--api-keys", str(f)])
     assert (ns.host, ns.port) == ("127.0.0.1", 30000)
-    assert load_api_keys(ns) == {"sk-1": ServerClient("alice", 2.0), "sk-2": ServerClient("bob", 1.0)}
+    assert load_api_keys(server_args(ns)) == {"sk-1": ServerClient("alice", 2.0), "sk-2": ServerClient("bob", 1.0)}
     ns = build_parser().parse_args(["serve", "--api-key", "sk-x"])
-    assert load_api_keys(ns) == {"sk-x": ServerClient("default")}
+    assert load_api_keys(server_args(ns)) == {"sk-x": ServerClient("default")}
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["serve", "--api-key", "sk-x", "--api-keys", str(f)])
     f.write_text(json.dumps({"sk-secret": {"client": "alice", "weight": -1}}))
     with pytest.raises(ValueError, match="weight") as e:
-        load_api_keys(build_parser().parse_args(["serve", "--api-keys", str(f)]))
+        load_api_keys(server_args(build_parser().parse_args(["serve", "--api-keys", str(f)])))
     assert "sk-secret" not in str(e.value)  # errors never echo a key
 
 

@@ -16,6 +16,7 @@ from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchMode, ScheduledBatch
 from radixfair.sched.request import Req
 from radixfair.sim import (
+    SIM_SCHEDULER,
     CostModel,
     SimConfig,
     Simulator,
@@ -30,7 +31,7 @@ from radixfair.sim.trace import TraceConfig, TraceRecord, generate, group_tokens
 
 SMALL = TraceConfig(workload="docqa", num_clients=4, duration=8.0, rate=2.0, heavy_factor=4.0,
                     docs_per_client=2, doc_len=(512, 768), question_len=(8, 16), output_len=(4, 12))
-SMALL_SIM = SimConfig(max_total_tokens=3 * 768 + 1024, max_running_requests=16)
+SMALL_SIM = SimConfig(scheduler=replace(SIM_SCHEDULER, max_total_tokens=3 * 768 + 1024, max_running_requests=16))
 
 
 def _run(policy: str = "dlpm", seed: int = 0, workers: int = 1) -> Simulator:
@@ -405,7 +406,7 @@ def test_chat_answers_are_reused_from_the_cache_in_the_simulator() -> None:
     cfg = replace(NEW, workload="chat", turns=(3, 4), think_time=0.5, rate=0.5)
     trace = generate(cfg)
     plain = [replace(r, output_group="") for r in trace]
-    sim_cfg = replace(SMALL_SIM, policy="lpm", max_total_tokens=200_000)
+    sim_cfg = replace(SMALL_SIM, policy="lpm", scheduler=replace(SMALL_SIM.scheduler, max_total_tokens=200_000))
     with_answers = Simulator(trace, load_profile("a100-llama3.1-8b"), sim_cfg).run()
     without = Simulator(plain, load_profile("a100-llama3.1-8b"), sim_cfg).run()
     by_rid = {r.rid: r for r in trace}

@@ -31,7 +31,11 @@ from typing import Any
 import numpy as np
 
 from radixfair.bench.report import print_table, write_json
+from radixfair.config_flags import add_flags, flag_values
+from radixfair.engine_args import EngineArgs
 from radixfair.sim.cost_model import COEFFICIENTS, BatchFeatures, CostModel, batch_features
+
+ENGINE_FLAGS = ("model", "dtype", "device", "num_threads")
 
 FEATURES = ("const", *BatchFeatures._fields)
 WORKLOAD = ("single prompts of 16-512 tokens; prompts of 16-256 tokens over a cached 512-token prefix; 1-8 "
@@ -268,11 +272,8 @@ def simulate(engine: Any, cost_model: CostModel, trace: Sequence[Any]) -> Any:
     """The trace in the simulator with `cost_model` and the engine's own scheduler settings."""
     from radixfair.sim.simulator import SimConfig, Simulator
 
-    sched = engine.scheduler_config
-    cfg = SimConfig(policy=engine.args.schedule_policy, max_total_tokens=sched.max_total_tokens,
-                    max_running_requests=sched.max_running_requests, max_prefill_tokens=sched.max_prefill_tokens,
-                    chunked_prefill_size=sched.chunked_prefill_size, max_context_len=sched.max_context_len,
-                    disable_radix_cache=sched.disable_radix_cache, vocab_size=int(engine.model_config.vocab_size))
+    cfg = SimConfig(policy=engine.args.schedule_policy, scheduler=engine.scheduler_config,
+                    policy_config=engine.args.policy_config(), vocab_size=int(engine.model_config.vocab_size))
     return Simulator(trace, cost_model, cfg).run()
 
 
@@ -321,9 +322,8 @@ def main(ns: argparse.Namespace) -> int:
     trace = (read_jsonl(ns.trace) if ns.trace else sim_vs_real_trace(ns.sim_vs_real, ns.seed)) \
         if (ns.sim_vs_real or ns.trace) else None
     t0 = time.perf_counter()
-    with Engine(model=ns.model, device=ns.device, dtype=ns.dtype, max_total_tokens=16384,
-                max_running_requests=32, num_threads=ns.num_threads, schedule_policy="fcfs",
-                random_seed=ns.seed) as engine:
+    with Engine(max_total_tokens=16384, max_running_requests=32, schedule_policy="fcfs", random_seed=ns.seed,
+                **flag_values(EngineArgs, ns, only=ENGINE_FLAGS)) as engine:
         engine.generate(input_ids=[[7] * 24, [8] * 40], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
         samples: list[PassSample] = []
         reals: list[RealRun] = []
@@ -380,10 +380,6 @@ def _pct(x: float | None) -> str:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="fit a simulator cost profile to this machine's forward passes")
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="calibrated-profile.json", help="profile JSON to write (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the fit quality and every timed pass")
     p.add_argument("--repeats", type=int, default=1, help="run the synthetic workload this many times")
@@ -396,4 +392,5 @@ def add_parser(sub: Any) -> None:
                    help="with --sim-vs-real: real replays, alternating with calibration halves (default: %(default)s)")
     p.add_argument("--trace", default=None, metavar="JSONL",
                    help="with --sim-vs-real: replay this JSONL trace (as `bench sim --trace-out` writes) instead of the built-in burst")
+    add_flags(p.add_argument_group("engine"), EngineArgs, only=ENGINE_FLAGS)
     p.set_defaults(func=main)

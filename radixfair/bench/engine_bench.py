@@ -16,6 +16,11 @@ import numpy as np
 import torch
 
 from radixfair.bench.report import print_table, write_json
+from radixfair.config_flags import add_flags, flag_values
+from radixfair.engine_args import EngineArgs
+
+# engine settings this benchmark lets the user set; `--max-batch` is its running-request limit
+ENGINE_FLAGS = ("model", "dtype", "max_total_tokens", "max_prefill_tokens", "chunked_prefill_size", "num_threads")
 
 
 @dataclass(frozen=True)
@@ -156,9 +161,7 @@ def main(ns: argparse.Namespace) -> int:
     from radixfair.engine.engine import Engine
 
     torch.manual_seed(0)
-    engine = Engine(model=ns.model, dtype=ns.dtype, max_running_requests=ns.max_batch,
-                    max_total_tokens=ns.max_total_tokens, num_threads=ns.num_threads,
-                    chunked_prefill_size=ns.chunked_prefill_size, max_prefill_tokens=ns.max_prefill_tokens)
+    engine = Engine(max_running_requests=ns.max_batch, **flag_values(EngineArgs, ns, only=ENGINE_FLAGS))
     try:
         vocab = engine.model_config.vocab_size
         lo = min(100, vocab // 4)  # skip the special tokens at the start of typical vocabularies
@@ -221,15 +224,10 @@ def main(ns: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("engine", help="continuous batching vs transformers generate()")
-    p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-total-tokens", type=int, default=65536)
-    p.add_argument("--max-prefill-tokens", type=int, default=8192)
-    p.add_argument("--chunked-prefill-size", type=int, default=2048)
     p.add_argument("--b1-tokens", type=int, default=64, help="decode steps for the batch-1 latency figure")
-    p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_flags(p.add_argument_group("engine"), EngineArgs, only=ENGINE_FLAGS, defaults={"max_total_tokens": 65536})
     p.set_defaults(func=main)

@@ -15,24 +15,29 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from radixfair.bench.fairness_driver import RunResult, replay
 from radixfair.bench.fairness_workload import (
+    FAIRNESS_TRACE,
     Workload,
-    WorkloadConfig,
     default_pool_tokens,
     make_workload,
     workload_from_trace,
 )
 from radixfair.bench.report import print_table, write_json
+from radixfair.config_flags import add_flags, flag_values
+from radixfair.engine_args import EngineArgs
 from radixfair.metrics import as_plain, fairness_report
 
 DEFAULT_POLICIES = "fcfs,lpm,vtc,dlpm"
-# DLPM is fair over intervals long against a round (every client's quantum). A default-length run
-# on the 2-core CPU serves ~30k charged tokens in all, ~4k per client; the engine's default quantum
-# (4,096) makes one round longer than the run, so no fairness could show. 1,024 (under one
-# document's prefill) gives ~4 rounds; measured at 90 s: Jain 0.98 with Q=1024, 0.84 with Q=2048.
+# The engine settings this benchmark takes as flags; the KV pool (`--max-total-tokens`) is its own,
+# sized from the documents.
+ENGINE_FLAGS = ("model", "dtype", "max_running_requests", "w_in", "w_out", "dlpm_quantum", "num_threads")
+# DLPM is fair over intervals long against a round (every client's quantum). A default-length run on
+# a CPU serves each client less than one round at the engine's quantum, so no fairness could show;
+# a quantum under one document's prefill gives several rounds (README, "bench fairness").
 DLPM_QUANTUM = 1024.0
 TABLE_WIDTH = 160
 
@@ -62,9 +67,7 @@ def _range(spec: str) -> tuple[int, int]:
 
 def engine_kwargs(ns: argparse.Namespace, pool: int) -> dict[str, Any]:
     # the policies charge with the same w_in / w_out the metrics count
-    return dict(model=ns.model, dtype=ns.dtype, max_total_tokens=pool, max_running_requests=ns.max_running_requests,
-                num_threads=ns.num_threads, random_seed=ns.seed, w_in=ns.w_in, w_out=ns.w_out,
-                dlpm_quantum=ns.dlpm_quantum)
+    return dict(flag_values(EngineArgs, ns, only=ENGINE_FLAGS), max_total_tokens=pool, random_seed=ns.seed)
 
 
 def run_policy(policy: str, wl: Workload, kw: dict[str, Any], ns: argparse.Namespace) -> RunResult:
@@ -75,7 +78,7 @@ def run_policy(policy: str, wl: Workload, kw: dict[str, Any], ns: argparse.Names
     engine = Engine(schedule_policy=policy, **kw)
     try:
         # one-time costs (first forward, allocator warm-up) should not land in the first window
-        engine.generate(input_ids=wl.documents[wl.clients[0]][:32],
+        engine.generate(input_ids=wl.arrivals[0].input_ids[:32],
                         sampling_params={"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True})
         engine.flush_cache()
         # redirected to a file, a bar redrawn every 0.1 s would bury the tables
@@ -132,7 +135,7 @@ def analyze(run: RunResult, wl: Workload, window: float, w_in: float, w_out: flo
         "w_in": w_in,
         "w_out": w_out,
         "heavy_client": wl.heavy_client,
-        "heavy_factor": wl.config.heavy_factor,
+        "heavy_factor": wl.heavy_factor,
         "retractions": run.engine_stats.get("retractions"),
         "evicted_tokens": run.engine_stats.get("evicted_tokens"),
         "max_total_tokens": run.engine_stats.get("max_total_tokens"),
@@ -188,20 +191,19 @@ def main(ns: argparse.Namespace) -> int:
 
         wl = workload_from_trace(read_jsonl(ns.trace), vocab, ns.duration)
     else:
-        wl = make_workload(WorkloadConfig(
-            num_clients=ns.clients, duration=ns.duration if ns.duration is not None else WorkloadConfig().duration,
-            rate=ns.rate, heavy_factor=ns.heavy_factor, doc_len=ns.doc_len, question_len=ns.question_len,
-            output_len=ns.output_len, seed=ns.seed), vocab)
-    cfg = wl.config
-    ns.duration = cfg.duration  # the driver and the progress bar read it
+        duration = FAIRNESS_TRACE.duration if ns.duration is None else ns.duration
+        wl = make_workload(replace(
+            FAIRNESS_TRACE, num_clients=ns.clients, duration=duration, rate=ns.rate, heavy_factor=ns.heavy_factor,
+            doc_len=ns.doc_len, question_len=ns.question_len, output_len=ns.output_len, seed=ns.seed), vocab)
+    ns.duration = wl.duration  # the driver and the progress bar read it
     if ns.window <= 0 or ns.window > ns.duration:
         raise ValueError(f"--window must be in (0, {ns.duration:g}] (the run's duration), got {ns.window}")
-    pool = ns.max_total_tokens or default_pool_tokens(cfg)
+    pool = ns.max_total_tokens or default_pool_tokens(wl)
     kw = engine_kwargs(ns, pool)
-    light = f"the rest at {cfg.rate:.3g}/s" + (" on average" if ns.trace else "")
+    light = f"the rest at {wl.rate:.3g}/s" + (" on average" if ns.trace else "")
     print(f"{len(wl.arrivals)} requests in {ns.duration:g} s from {len(wl.clients)} clients "
           f"({wl.heavy_client} at {wl.rate_of(wl.heavy_client):.3g}/s, {light}); prompts "
-          f"{cfg.doc_len[0]}-{cfg.doc_len[1]} tokens{' (with questions)' if ns.trace else ''}, KV pool {pool} "
+          f"{wl.doc_len[0]}-{wl.doc_len[1]} tokens{' (with questions)' if ns.trace else ''}, KV pool {pool} "
           f"tokens, DLPM quantum {ns.dlpm_quantum:g}; cut off at {ns.duration:g} s (no drain)")
     rows = []
     t = time.perf_counter()
@@ -222,10 +224,8 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    d = WorkloadConfig()
+    d = FAIRNESS_TRACE
     p = sub.add_parser("fairness", help="scheduling policies under an overloaded multi-client document-QA load")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma list (default {DEFAULT_POLICIES})")
     p.add_argument("--clients", type=int, default=d.num_clients)
     p.add_argument("--duration", type=float, default=None,
@@ -238,17 +238,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--doc-len", type=_range, default=d.doc_len, help="document tokens, LO,HI")
     p.add_argument("--question-len", type=_range, default=d.question_len, help="question tokens, LO,HI")
     p.add_argument("--output-len", type=_range, default=d.output_len, help="output tokens, LO,HI")
-    p.add_argument("--max-total-tokens", type=int, default=None,
-                   help="KV pool size (default: 3 of the longest documents + 2048)")
-    p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--window", type=float, default=10.0, help="seconds per service window")
-    p.add_argument("--w-in", type=float, default=1.0, help="charge per uncached input token")
-    p.add_argument("--w-out", type=float, default=2.0, help="charge per output token")
-    p.add_argument("--dlpm-quantum", type=float, default=DLPM_QUANTUM,
-                   help="DLPM tokens per client per round (default sized to this run; the engine's is larger)")
-    p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of each client's service rate over time")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-total-tokens", type=int, default=None,
+                        help="KV pool size (default: 3 of the longest documents + 2048)")
+    add_flags(engine, EngineArgs, only=ENGINE_FLAGS,
+              defaults={"max_running_requests": 64, "dlpm_quantum": DLPM_QUANTUM})
     p.set_defaults(func=main)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from radixfair.bench.fairness_workload import Arrival, Workload
 from radixfair.io_struct import EngineRequest, TokenizedRequest
-from radixfair.metrics import RequestRecord, ServiceEvent
+from radixfair.metrics import RequestRecord, ServiceEvent, charged_service
 from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -104,8 +104,9 @@ async def _consume(engine: Engine, req: TokenizedRequest, lv: _Live, t0: float, 
                 lv.cached_tokens = out.cached_tokens
                 lv.first_token = lv.t_arrival + (out.ttft if out.ttft is not None else now - lv.t_arrival)
                 # the prompt's uncached part is charged when its prefill shows (with the first token)
-                lv.events.append(ServiceEvent(now, lv.arrival.client, w_in * (lv.prompt_tokens - lv.cached_tokens)))
-            lv.events.append(ServiceEvent(now, lv.arrival.client, w_out * (n - lv.output_tokens)))
+                uncached = lv.prompt_tokens - lv.cached_tokens
+                lv.events.append(ServiceEvent(now, lv.arrival.client, charged_service(uncached, 0, w_in, w_out)))
+            lv.events.append(ServiceEvent(now, lv.arrival.client, charged_service(0, n - lv.output_tokens, w_in, w_out)))
             lv.output_tokens = n
         if out.finish_reason is not None:
             if out.finish_reason.type != "abort":  # an engine-side abort is not a completion

@@ -3,8 +3,9 @@
 Each client owns one document and asks many short questions about it, so every request of a client
 shares the document as its prefix; different clients share nothing. Arrivals are open-loop Poisson
 per client, and one misbehaving client (S1 in the design) sends `heavy_factor` times the others' rate.
-Pure numpy: the same seed gives the same trace for every policy. `workload_from_trace` takes a
-simulator trace instead (any of its workloads), so one JSONL file runs in the simulator and here.
+The trace is the simulator's own `docqa` workload (`radixfair.sim.trace`) with one document per
+client, so the same seed gives the same trace for every policy, and `workload_from_trace` takes any
+simulator trace instead: one JSONL file runs in the simulator and here.
 """
 
 from __future__ import annotations
@@ -15,29 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from radixfair.sim.trace import TraceRecord
+from radixfair.sim.trace import TraceConfig, TraceRecord, client_names, generate
 
-
-@dataclass(frozen=True)
-class WorkloadConfig:
-    num_clients: int = 8
-    duration: float = 90.0  # seconds of arrivals
-    rate: float = 1.0  # requests/s of each well-behaved client
-    heavy_factor: float = 4.0  # the misbehaving client's rate multiple
-    doc_len: tuple[int, int] = (1024, 1536)  # inclusive ranges of token counts
-    question_len: tuple[int, int] = (16, 32)
-    output_len: tuple[int, int] = (16, 32)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_clients < 2:
-            raise ValueError(f"need at least 2 clients to measure fairness, got {self.num_clients}")
-        if self.duration <= 0 or self.rate <= 0 or self.heavy_factor <= 0:
-            raise ValueError("duration, rate and heavy factor must be positive")
-        for name in ("doc_len", "question_len", "output_len"):
-            lo, hi = getattr(self, name)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"{name} must be a range 1 <= lo <= hi, got {lo},{hi}")
+# the documented workload; the command's flags replace some of these
+FAIRNESS_TRACE = TraceConfig(workload="docqa", num_clients=8, duration=90.0, rate=1.0, heavy_factor=4.0,
+                             docs_per_client=1, doc_len=(1024, 1536), question_len=(16, 32), output_len=(16, 32))
 
 
 @dataclass(frozen=True)
@@ -50,45 +33,31 @@ class Arrival:
 
 @dataclass(frozen=True)
 class Workload:
-    config: WorkloadConfig
     clients: tuple[str, ...]
     heavy_client: str
-    documents: dict[str, list[int]]
     arrivals: list[Arrival]  # sorted by time
-    rates: dict[str, float] | None = None  # measured per-client rates (a replayed trace); None: from config
+    duration: float  # seconds of arrivals
+    rates: dict[str, float]  # requests/s per client: as configured, or as a replayed trace holds them
+    rate: float  # of the well-behaved clients (a replayed trace: their mean)
+    heavy_factor: float  # the heavy client's rate over `rate`
+    doc_len: tuple[int, int]  # document tokens, inclusive range (a replayed trace: whole prompts)
 
     def rate_of(self, client: str) -> float:
-        if self.rates is not None:
-            return self.rates.get(client, 0.0)
-        factor = self.config.heavy_factor if client == self.heavy_client else 1.0
-        return self.config.rate * factor
+        return self.rates.get(client, 0.0)
 
 
-def client_names(n: int) -> tuple[str, ...]:
-    width = len(str(n - 1))
-    return tuple(f"c{i:0{width}d}" for i in range(n))
-
-
-def make_workload(cfg: WorkloadConfig, vocab_size: int) -> Workload:
-    lo = min(100, vocab_size // 4)  # skip the special tokens at the start of typical vocabularies
+def make_workload(cfg: TraceConfig, vocab_size: int) -> Workload:
+    """`cfg`'s trace (`FAIRNESS_TRACE` with the command's settings), prompts expanded for a model's
+    vocabulary."""
+    if cfg.num_clients < 2:
+        raise ValueError(f"need at least 2 clients to measure fairness, got {cfg.num_clients}")
+    records = generate(cfg)
+    if not records:
+        raise ValueError(f"no request arrives within {cfg.duration:g} s")
     clients = client_names(cfg.num_clients)
-    heavy = clients[0]
-    documents: dict[str, list[int]] = {}
-    arrivals: list[Arrival] = []
-    for i, client in enumerate(clients):
-        # one generator per client, so adding clients or lengthening the run leaves the existing
-        # clients' documents and early arrivals unchanged
-        rng = np.random.default_rng([cfg.seed, i])
-        doc = rng.integers(lo, vocab_size, _draw(rng, cfg.doc_len)).tolist()
-        documents[client] = doc
-        rate = cfg.rate * (cfg.heavy_factor if client == heavy else 1.0)
-        t = float(rng.exponential(1.0 / rate))
-        while t < cfg.duration:
-            question = rng.integers(lo, vocab_size, _draw(rng, cfg.question_len)).tolist()
-            arrivals.append(Arrival(t, client, doc + question, _draw(rng, cfg.output_len)))
-            t += float(rng.exponential(1.0 / rate))
-    arrivals.sort(key=lambda a: (a.time, a.client))
-    return Workload(cfg, clients, heavy, documents, arrivals)
+    rates = {c: cfg.rate * (cfg.heavy_factor if i == 0 else 1.0) for i, c in enumerate(clients)}
+    return Workload(clients, clients[0], _arrivals(records, vocab_size), cfg.duration, rates, cfg.rate,
+                    cfg.heavy_factor, cfg.doc_len)
 
 
 def workload_from_trace(records: Sequence[TraceRecord], vocab_size: int, duration: float | None = None) -> Workload:
@@ -104,25 +73,21 @@ def workload_from_trace(records: Sequence[TraceRecord], vocab_size: int, duratio
         raise ValueError(f"no trace record arrives before {duration:g} s")
     counts = Counter(r.client for r in kept)
     clients = tuple(sorted(counts))
-    arrivals = sorted((Arrival(r.time, r.client, r.input_ids(vocab_size), r.output_len) for r in kept),
-                      key=lambda a: (a.time, a.client))
-    documents = {c: next(a.input_ids for a in arrivals if a.client == c) for c in clients}
+    arrivals = _arrivals(kept, vocab_size)
     heavy = max(clients, key=lambda c: (counts[c], c == clients[0]))
     rates = {c: counts[c] / duration for c in clients}
-    light = [rates[c] for c in clients if c != heavy] or [rates[heavy]]
+    light = float(np.mean([rates[c] for c in clients if c != heavy] or [rates[heavy]]))
     lens = [len(a.input_ids) for a in arrivals]
-    cfg = WorkloadConfig(num_clients=len(clients), duration=duration, rate=float(np.mean(light)),
-                         heavy_factor=rates[heavy] / float(np.mean(light)), doc_len=(min(lens), max(lens)),
-                         output_len=(min(a.max_new_tokens for a in arrivals), max(a.max_new_tokens for a in arrivals)))
-    return Workload(cfg, clients, heavy, documents, arrivals, rates)
+    return Workload(clients, heavy, arrivals, duration, rates, light, rates[heavy] / light, (min(lens), max(lens)))
 
 
-def default_pool_tokens(cfg: WorkloadConfig, docs_resident: int = 3, room: int = 2048) -> int:
+def default_pool_tokens(wl: Workload, docs_resident: int = 3, room: int = 2048) -> int:
     """A KV pool that holds `docs_resident` of the longest documents plus room for the running
     requests' questions and answers: too small for every client's document, so the scheduler's
     order decides which documents stay cached."""
-    return docs_resident * cfg.doc_len[1] + room
+    return docs_resident * wl.doc_len[1] + room
 
 
-def _draw(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
-    return int(rng.integers(bounds[0], bounds[1] + 1))
+def _arrivals(records: Sequence[TraceRecord], vocab_size: int) -> list[Arrival]:
+    return sorted((Arrival(r.time, r.client, r.input_ids(vocab_size), r.output_len) for r in records),
+                  key=lambda a: (a.time, a.client))

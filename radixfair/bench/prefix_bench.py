@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 
 from radixfair.bench.report import print_table, write_json
+from radixfair.config_flags import add_flags, flag_values
+from radixfair.engine_args import EngineArgs
+
+ENGINE_FLAGS = ("model", "dtype", "max_total_tokens", "max_running_requests", "num_threads")
 
 
 def make_requests(num: int, prefix_len: int, suffix_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -22,9 +26,7 @@ def make_requests(num: int, prefix_len: int, suffix_len: int, vocab: int, seed: 
 def run_once(ns: argparse.Namespace, disable: bool, prompts: list[list[int]] | None) -> dict[str, Any]:
     from radixfair.engine.engine import Engine
 
-    engine = Engine(model=ns.model, dtype=ns.dtype, max_total_tokens=ns.max_total_tokens,
-                    disable_radix_cache=disable, max_running_requests=ns.max_running_requests,
-                    num_threads=ns.num_threads)
+    engine = Engine(disable_radix_cache=disable, **flag_values(EngineArgs, ns, only=ENGINE_FLAGS))
     try:
         if prompts is None:
             prompts = make_requests(ns.num_requests, ns.prefix_len, ns.suffix_len,
@@ -45,7 +47,7 @@ def run_once(ns: argparse.Namespace, disable: bool, prompts: list[list[int]] | N
 
 
 def main(ns: argparse.Namespace) -> int:
-    from radixfair.cache.bench import bench_match_prefix
+    from radixfair.bench.match_prefix_bench import bench_match_prefix
 
     print(f"{ns.num_requests} requests: shared prefix {ns.prefix_len} + unique suffix {ns.suffix_len} tokens, "
           f"{ns.output_len} output tokens each")
@@ -84,15 +86,12 @@ def main(ns: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("prefix", help="shared-prefix workload with and without the radix cache")
-    p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--suffix-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-total-tokens", type=int, default=131072)
-    p.add_argument("--max-running-requests", type=int, default=64)
-    p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_flags(p.add_argument_group("engine"), EngineArgs, only=ENGINE_FLAGS,
+              defaults={"max_total_tokens": 131072, "max_running_requests": 64})
     p.set_defaults(func=main)

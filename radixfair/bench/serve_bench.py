@@ -157,7 +157,7 @@ def engine_stream(engine: Engine, client: str) -> Stream:
 
 def engine_kwargs_from_info(info: dict[str, Any]) -> dict[str, Any]:
     """The server's engine arguments, as `Engine(**kw)` takes them, from `GET /get_server_info`."""
-    from radixfair.engine.engine import EngineArgs
+    from radixfair.engine_args import EngineArgs
 
     args = dict(info.get("engine_args") or info)
     names = {f.name for f in fields(EngineArgs)}

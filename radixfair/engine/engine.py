@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from radixfair.engine.model_runner import (
     select_device,
     select_dtype,
 )
+from radixfair.engine_args import EngineArgs
 from radixfair.io_struct import (
     EngineOutput,
     EngineRequest,
@@ -41,42 +42,12 @@ from radixfair.io_struct import (
 )
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
-from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, DEFAULT_POLICY, PolicyConfig, make_policy
+from radixfair.sched.policies import make_policy
 from radixfair.sched.request import Req
-from radixfair.sched.scheduler import Scheduler, SchedulerConfig, fit_max_new_tokens
+from radixfair.sched.scheduler import Scheduler, fit_max_new_tokens
 from radixfair.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    model: str | None = None  # GGUF file or HF folder; None: the default SmolLM2-135M-Instruct
-    dtype: str = "auto"
-    device: str = "auto"
-    max_total_tokens: int | None = None  # KV pool slots; None: from mem_fraction_static
-    mem_fraction_static: float | None = None  # None: 0.85 on CUDA, 0.15 of RAM on CPU
-    max_running_requests: int = 128
-    max_prefill_tokens: int = 8192
-    chunked_prefill_size: int = 2048
-    context_length: int | None = None
-    schedule_policy: str = DEFAULT_POLICY  # fcfs | lpm | dfs-weight | vtc | dlpm
-    w_in: float = 1.0  # cost of an uncached prompt token (VTC: of any prompt token)
-    w_out: float = 2.0  # cost of an output token
-    dlpm_quantum: float = DEFAULT_DLPM_QUANTUM  # tokens of service per client per DLPM round
-    client_weights: dict[str, float] = field(default_factory=dict)  # client id -> share; others 1
-    disable_radix_cache: bool = False
-    random_seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads on CPU
-    debug_invariants: bool = False  # raise (not just log) when the KV invariant breaks at idle
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
-        return cls(**kwargs)
 
 
 Sink = Callable[[EngineOutput], object]
@@ -123,10 +94,7 @@ class Engine:
             args = replace(args, **overrides)
         self.args = args
         # before the model loads: a bad policy name or weight should fail fast
-        policy = make_policy(
-            args.schedule_policy,
-            PolicyConfig(args.w_in, args.w_out, args.dlpm_quantum, dict(args.client_weights)),
-        )
+        policy = make_policy(args.schedule_policy, args.policy_config())
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.random_seed)
@@ -159,14 +127,7 @@ class Engine:
         )
         del state
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(files.config.eos_token_ids)))
-        self.scheduler_config = SchedulerConfig(
-            max_total_tokens=max_total,
-            max_running_requests=args.max_running_requests,
-            max_prefill_tokens=args.max_prefill_tokens,
-            chunked_prefill_size=args.chunked_prefill_size,
-            max_context_len=self.context_len,
-            disable_radix_cache=args.disable_radix_cache,
-        )
+        self.scheduler_config = args.scheduler_config(max_total, self.context_len)
         self.scheduler = Scheduler(self.scheduler_config, policy)
         self._inbox: queue.Queue[Any] = queue.Queue()
         # rid -> its submission: a non-streaming request is sent only its final output, so it costs

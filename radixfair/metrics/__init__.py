@@ -1,8 +1,6 @@
 """Metrics shared by the benchmarks, the server and the simulator (pure Python + numpy, no torch)."""
 
 from radixfair.metrics.fairness import (
-    W_IN,
-    W_OUT,
     FairnessReport,
     LatencyStats,
     RequestRecord,
@@ -26,6 +24,7 @@ from radixfair.metrics.fairness import (
     totals,
     window_edges,
 )
+from radixfair.metrics.service import W_IN, W_OUT, charged_service
 
 __all__ = [
     "W_IN",
@@ -40,6 +39,7 @@ __all__ = [
     "backlogged_per_window",
     "backlogged_rates",
     "busy_intervals",
+    "charged_service",
     "events_from_records",
     "fairness_report",
     "hit_rate",

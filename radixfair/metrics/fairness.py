@@ -19,11 +19,10 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from radixfair.metrics.service import W_IN, W_OUT, charged_service
+
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
-
-W_IN = 1.0
-W_OUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class RequestRecord:
         # count is unknown and the work may still be undone at a cutoff
         if self.first_token is None:
             return 0.0
-        return w_in * self.uncached_tokens + w_out * self.output_tokens
+        return charged_service(self.uncached_tokens, self.output_tokens, w_in, w_out)
 
 
 class ServiceEvent(NamedTuple):
@@ -112,10 +111,11 @@ def jain_index(values: Iterable[float]) -> float:
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
         return math.nan
-    sq = float(np.sum(x * x))
-    if sq == 0.0:
+    top = float(np.max(np.abs(x)))
+    if top == 0.0:
         return 1.0
-    return float(np.sum(x) ** 2 / (x.size * sq))
+    x = x / top  # the index is scale-free; this keeps x * x from underflowing for tiny values
+    return float(np.sum(x) ** 2 / (x.size * np.sum(x * x)))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -145,20 +145,21 @@ def events_from_records(
     and the first output token) at the first-token time, later tokens evenly spaced up to the finish
     (or up to `end` for unfinished requests; at the first token when `end` is None too)."""
     events: list[ServiceEvent] = []
+    per_token = charged_service(0, 1, w_in, w_out)
     for r in records:
         if r.first_token is None:
             continue
-        first_out = w_out if r.output_tokens > 0 else 0.0
-        events.append(ServiceEvent(r.first_token, r.client, w_in * r.uncached_tokens + first_out))
+        first = charged_service(r.uncached_tokens, min(r.output_tokens, 1), w_in, w_out)
+        events.append(ServiceEvent(r.first_token, r.client, first))
         rest = r.output_tokens - 1
         if rest <= 0:
             continue
         stop = r.finish if r.finish is not None else end
         if stop is None or stop <= r.first_token:
-            events.append(ServiceEvent(r.first_token, r.client, w_out * rest))
+            events.append(ServiceEvent(r.first_token, r.client, charged_service(0, rest, w_in, w_out)))
             continue
         step = (stop - r.first_token) / rest
-        events.extend(ServiceEvent(r.first_token + k * step, r.client, w_out) for k in range(1, rest + 1))
+        events.extend(ServiceEvent(r.first_token + k * step, r.client, per_token) for k in range(1, rest + 1))
     return events
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from radixfair.io_struct import EngineOutput, EngineStats
+from radixfair.metrics.service import charged_service
 
 # engine stat -> (metric name, help); read from the engine's stats on each scrape
 _GAUGES = {
@@ -30,7 +31,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 class ServerMetrics:
-    def __init__(self, w_in: float = 1.0, w_out: float = 2.0) -> None:
+    def __init__(self, w_in: float, w_out: float) -> None:
         self.w_in, self.w_out = w_in, w_out
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(name, doc, registry=self.registry) for k, (name, doc) in _GAUGES.items()}
@@ -58,7 +59,7 @@ class ServerMetrics:
         self.prompt_tokens.labels(client).inc(prompt)
         self.output_tokens.labels(client).inc(output)
         self.cached_tokens.labels(client).inc(cached)
-        self.service.labels(client).inc(self.w_in * max(prompt - cached, 0) + self.w_out * output)
+        self.service.labels(client).inc(charged_service(max(prompt - cached, 0), output, self.w_in, self.w_out))
         if out.ttft is not None:
             self.ttft.observe(out.ttft)
         self.e2e.observe(out.e2e_latency)

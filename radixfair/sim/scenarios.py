@@ -9,11 +9,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from radixfair.sim.cost_model import CostModel
-from radixfair.sim.simulator import SimConfig, SimResult, Simulator
+from radixfair.sim.simulator import SIM_SCHEDULER, SimConfig, SimResult, Simulator
 from radixfair.sim.trace import TraceConfig, TraceRecord, generate
 
 DEFAULT_POLICIES = ("fcfs", "lpm", "vtc", "dlpm")
 QUANTA = (256.0, 1024.0, 4096.0, 16384.0)
+# a pool of ~3 of the longest documents (3,072 tokens) plus room for the running requests
+_WORKER = SimConfig(scheduler=replace(SIM_SCHEDULER, max_total_tokens=3 * 3072 + 2048, max_running_requests=64))
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ _S1 = Scenario(
     description="long-document QA, 8 clients, c0 sends 4x the others' rate (S1)",
     trace=TraceConfig(workload="docqa", num_clients=8, duration=60.0, rate=2.0, heavy_factor=4.0,
                       docs_per_client=2),
-    sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
+    sim=_WORKER,
     window=5.0,
     workloads=("docqa", "fewshot"),
 )
@@ -69,7 +71,7 @@ _S2 = Scenario(
     description="long-document QA, 8 clients at equal rates, c0's documents 4x longer (S2)",
     trace=TraceConfig(workload="docqa", num_clients=8, duration=60.0, rate=3.0, heavy_doc_factor=4.0,
                       docs_per_client=2, doc_len=(1024, 1536)),
-    sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
+    sim=_WORKER,
     window=5.0,
     workloads=("docqa", "fewshot"),
     workload_rates=(("fewshot", 8.0),),
@@ -83,7 +85,7 @@ _SCALE = Scenario(
     description="long-document QA, 5 to 50 clients at a fixed total rate, c0 at 4x a client's share",
     trace=TraceConfig(workload="docqa", num_clients=8, duration=30.0, rate=1.0, heavy_factor=4.0,
                       docs_per_client=2),
-    sim=SimConfig(max_total_tokens=3 * 3072 + 2048, max_running_requests=64),
+    sim=_WORKER,
     window=5.0,
     client_counts=(5, 10, 20, 50),
     total_rate=16.0,
@@ -110,7 +112,9 @@ def variants(scenario: Scenario, policies: Sequence[str]) -> list[tuple[str, Sim
     """(label, config) per run: the policies, or for quantum-sweep lpm, vtc and dlpm at each quantum."""
     if scenario.name == "quantum-sweep":
         out = [(p, replace(scenario.sim, policy=p)) for p in ("lpm", "vtc")]
-        return out + [(f"dlpm Q={int(q)}", replace(scenario.sim, policy="dlpm", dlpm_quantum=q)) for q in QUANTA]
+        return out + [(f"dlpm Q={int(q)}", replace(scenario.sim, policy="dlpm",
+                                                   policy_config=replace(scenario.sim.policy_config, dlpm_quantum=q)))
+                      for q in QUANTA]
     return [(p, replace(scenario.sim, policy=p)) for p in policies]
 
 
@@ -180,7 +184,7 @@ def summarize(scenario: Scenario, label: str, result: SimResult, heavy_factor: f
         "makespan": result.makespan,
         "cost_model": result.cost_model,
         "workers": result.config.num_workers,
-        "dlpm_quantum": result.config.dlpm_quantum,
+        "dlpm_quantum": result.config.policy_config.dlpm_quantum,
         "retractions": sum(w["retractions"] for w in result.workers),
         "heavy_client": clients[0] if clients else "",
         "heavy_factor": heavy_factor,

@@ -18,17 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixfair.metrics.fairness import (
-    W_IN,
-    W_OUT,
-    FairnessReport,
-    RequestRecord,
-    ServiceEvent,
-    fairness_report,
-)
+from radixfair.metrics.fairness import FairnessReport, RequestRecord, ServiceEvent, fairness_report
+from radixfair.metrics.service import charged_service
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchOutput, ScheduledBatch
-from radixfair.sched.policies import DEFAULT_DLPM_QUANTUM, PolicyConfig, make_policy
+from radixfair.sched.policies import DEFAULT_POLICY, PolicyConfig, make_policy
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
 from radixfair.sim.cost_model import CostModel
@@ -38,21 +32,19 @@ ROUTINGS = ("round-robin",)
 _DONE, _ARRIVE = 0, 1  # at equal times a finishing batch frees its KV before arrivals are queued
 
 
+# A simulated worker's scheduler: the engine's defaults, a 16k-token KV pool, and a context cap that
+# only guards against runaway traces (no model stands behind it).
+SIM_SCHEDULER = SchedulerConfig(max_total_tokens=16_384, max_context_len=32_768)
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    policy: str = "dlpm"
+    policy: str = DEFAULT_POLICY
     num_workers: int = 1
     routing: str = "round-robin"
-    # per worker, as the engine's flags of the same names
-    max_total_tokens: int = 16_384
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 8192
-    chunked_prefill_size: int = 2048
-    max_context_len: int = 32_768
-    disable_radix_cache: bool = False
-    w_in: float = W_IN
-    w_out: float = W_OUT
-    dlpm_quantum: float = DEFAULT_DLPM_QUANTUM
+    # per worker: the engine's own scheduler and policy settings
+    scheduler: SchedulerConfig = SIM_SCHEDULER
+    policy_config: PolicyConfig = field(default_factory=PolicyConfig)
     vocab_size: int = VOCAB_SIZE
     seed: int = 0  # of the fake executor's tokens
     horizon: float | None = None  # stop at this virtual time (None: run until every request finished)
@@ -89,8 +81,9 @@ class SimResult:
         """Fairness over [0, t1): by default the arrival period, where an overloaded system keeps
         every client backlogged; the drain after it only shows who was left waiting."""
         end = t1 if t1 is not None else self.arrivals_end
+        costs = self.config.policy_config
         return fairness_report(self.records, self.events, t0=0.0, t1=end, window=window,
-                               w_in=self.config.w_in, w_out=self.config.w_out,
+                               w_in=costs.w_in, w_out=costs.w_out,
                                clients=sorted({r.client for r in self.records}))
 
 
@@ -99,13 +92,9 @@ class Simulator:
         self.config = cfg = config or SimConfig()
         self.cost_model = cost_model
         self.trace = sorted(trace, key=lambda r: r.time)  # stable: equal times keep trace order
-        pcfg = PolicyConfig(w_in=cfg.w_in, w_out=cfg.w_out, dlpm_quantum=cfg.dlpm_quantum)
-        scfg = SchedulerConfig(max_total_tokens=cfg.max_total_tokens, max_running_requests=cfg.max_running_requests,
-                               max_prefill_tokens=cfg.max_prefill_tokens,
-                               chunked_prefill_size=cfg.chunked_prefill_size, max_context_len=cfg.max_context_len,
-                               disable_radix_cache=cfg.disable_radix_cache)
         # the engine's classes themselves, never copies: the point is to exercise the real decisions
-        self.workers = [SimWorker(i, Scheduler(scfg, make_policy(cfg.policy, pcfg))) for i in range(cfg.num_workers)]
+        self.workers = [SimWorker(i, Scheduler(cfg.scheduler, make_policy(cfg.policy, cfg.policy_config)))
+                        for i in range(cfg.num_workers)]
         self.now = 0.0
         self._heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
         self._seq = itertools.count()
@@ -177,17 +166,18 @@ class Simulator:
         w.busy = False
         before = [len(r.output_ids) for r in batch.reqs]
         finished = w.scheduler.process_output(batch, BatchOutput(next_token_ids=self._tokens(batch)))
-        cfg = self.config
+        costs = self.config.policy_config
         for req, n0 in zip(batch.reqs, before, strict=True):
             new = len(req.output_ids) - n0
             if new <= 0:
                 continue
             i = self._index[id(req)]
-            amount = cfg.w_out * new
+            uncached = 0
             if self._first[i] is None:
                 # the prefill's input is charged with its first token, as RequestRecord.charged does
                 self._first[i] = self.now
-                amount += cfg.w_in * (len(req.origin_input_ids) - req.cached_tokens)
+                uncached = len(req.origin_input_ids) - req.cached_tokens
+            amount = charged_service(uncached, new, costs.w_in, costs.w_out)
             self._events.append(ServiceEvent(self.now, req.client_id, amount))
         for req in finished:
             self._finished(req)

@@ -8,14 +8,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from radixfair.metrics.service import W_IN, W_OUT
+
 if TYPE_CHECKING:
     from radixfair.cache.prefix_tree import PrefixTree, TreeNode
     from radixfair.sched.request import Req
 
 
 # More than one long-document prompt (twice the default chunk size), so a client that pays to load a
-# document gets to use it within the same round. On the long-document QA sweep (README, "Scheduling
-# policies") it keeps LPM's hit rate within 3 points and cuts LPM's service gap by 23-60%.
+# document gets to use it within the same round. README, "The quantum", derives it from
+# `radixfair bench sim --scenario quantum-sweep`.
 DEFAULT_DLPM_QUANTUM = 4096
 
 
@@ -23,8 +25,8 @@ DEFAULT_DLPM_QUANTUM = 4096
 class PolicyConfig:
     """Costs are in tokens: `w_in` per uncached prompt token, `w_out` per output token."""
 
-    w_in: float = 1.0
-    w_out: float = 2.0
+    w_in: float = W_IN
+    w_out: float = W_OUT
     dlpm_quantum: float = DEFAULT_DLPM_QUANTUM
     # client id -> weight (share of service); absent clients use their requests' `weight` (1.0)
     client_weights: Mapping[str, float] = field(default_factory=dict)

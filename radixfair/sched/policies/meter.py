@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from radixfair.metrics.service import charged_service
 from radixfair.sched.policies.base import SchedulePolicy
 
 if TYPE_CHECKING:
@@ -45,17 +46,19 @@ class MeteredPolicy(SchedulePolicy):
 
     def on_admit(self, req: Req, extend_len: int, cached_len: int) -> None:
         n = extend_len + cached_len if self._charge_cached else extend_len
-        u = req.client_id
-        self.service[u] = self.service.get(u, 0.0) + self.config.w_in * n / self.config.weight(req)
+        self._charge(req, charged_service(n, 0, self.config.w_in, self.config.w_out))
         self.inner.on_admit(req, extend_len, cached_len)
 
     def on_dequeue(self, req: Req) -> None:
         self.inner.on_dequeue(req)
 
     def on_decode(self, req: Req, n_tokens: int) -> None:
-        u = req.client_id
-        self.service[u] = self.service.get(u, 0.0) + self.config.w_out * n_tokens / self.config.weight(req)
+        self._charge(req, charged_service(0, n_tokens, self.config.w_in, self.config.w_out))
         self.inner.on_decode(req, n_tokens)
 
     def on_finish(self, req: Req) -> None:
         self.inner.on_finish(req)
+
+    def _charge(self, req: Req, amount: float) -> None:
+        u = req.client_id
+        self.service[u] = self.service.get(u, 0.0) + amount / self.config.weight(req)

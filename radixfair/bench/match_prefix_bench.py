@@ -1,4 +1,6 @@
-"""Micro-benchmark of `RadixCache.match_prefix` (the scheduler calls it for every waiting request)."""
+"""Micro-benchmark of `RadixCache.match_prefix` (the scheduler calls it for every waiting request):
+`bench prefix` reports it as `match_prefix_us_median`; `python -m radixfair.bench.match_prefix_bench`
+prints it alone."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ question about a cached document, some continue a past exchange, a few bring a n
 timed step is `Scheduler.schedule()` (policy order + admission pass + batch assembly); between steps
 (untimed) the batch "runs", its requests finish and new ones arrive so 4,096 keep waiting.
 
-`python -m radixfair.sched.bench` prints the medians; the re-match line is what SGLang's LPM would
+`python -m radixfair.bench.schedule_bench` prints the medians; the re-match line is what SGLang's LPM would
 pay per decision (match every waiting request against the tree, then sort), which is why it falls
 back to FCFS past 128 waiting requests.
 """
@@ -24,9 +24,10 @@ import numpy as np
 
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import BatchOutput
-from radixfair.sched.policies import PolicyConfig, make_policy
+from radixfair.sched.policies import make_policy
 from radixfair.sched.request import Req
 from radixfair.sched.scheduler import Scheduler, SchedulerConfig
+from radixfair.sim.trace import group_tokens
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,26 @@ class BenchShape:
 
 
 class Workload:
-    """Token streams for the benchmark: documents per client and fresh questions about them."""
+    """Token streams for the benchmark, named as in simulator traces (`radixfair.sim.trace`): the
+    shared system prompt, each client's documents, the past exchanges already in the tree and every
+    fresh question. A shared stream is expanded once and its ids reused by every prompt quoting it."""
 
     def __init__(self, shape: BenchShape, seed: int = 0) -> None:
         self.shape = shape
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self.system = self._tokens(shape.system_len)
+        self.system = group_tokens(f"system/{seed}", shape.system_len)
         self.docs = [
-            [self.system + self._tokens(shape.doc_len) for _ in range(shape.docs_per_client)]
-            for _ in range(shape.clients)
+            [self.system + group_tokens(f"doc/{seed}/{u}/{d}", shape.doc_len) for d in range(shape.docs_per_client)]
+            for u in range(shape.clients)
         ]
         self.past = [
-            [[*doc, *self._tokens(shape.question_len + shape.answer_len)] for _ in range(shape.past_questions)]
-            for docs in self.docs
-            for doc in docs
+            [doc + group_tokens(f"past/{seed}/{u}/{d}/{k}", shape.question_len + shape.answer_len)
+             for k in range(shape.past_questions)]
+            for u, docs in enumerate(self.docs)
+            for d, doc in enumerate(docs)
         ]
         self._n = 0
-
-    def _tokens(self, n: int) -> list[int]:
-        return self.rng.integers(10, 50_000, n).tolist()
 
     def history(self) -> list[list[int]]:
         return [seq for seqs in self.past for seq in seqs]
@@ -70,14 +72,14 @@ class Workload:
         s = self.shape
         u = int(self.rng.integers(s.clients))
         kind = self.rng.random()
+        self._n += 1
         if kind < 0.85:  # a new question about a cached document
-            prompt = [*self.docs[u][int(self.rng.integers(s.docs_per_client))], *self._tokens(s.question_len)]
+            prompt = self.docs[u][int(self.rng.integers(s.docs_per_client))] + self._fresh(s.question_len)
         elif kind < 0.95:  # a follow-up to a past exchange
             past = self.past[u * s.docs_per_client + int(self.rng.integers(s.docs_per_client))]
-            prompt = [*past[int(self.rng.integers(len(past)))], *self._tokens(s.question_len)]
+            prompt = past[int(self.rng.integers(len(past)))] + self._fresh(s.question_len)
         else:  # a new document
-            prompt = [*self.system, *self._tokens(s.doc_len + s.question_len)]
-        self._n += 1
+            prompt = self.system + self._fresh(s.doc_len + s.question_len)
         return Req(
             origin_input_ids=prompt,
             sampling_params=SamplingParams(max_new_tokens=1, ignore_eos=True),
@@ -85,9 +87,12 @@ class Workload:
             client_id=f"client{u}",
         )
 
+    def _fresh(self, n: int) -> list[int]:
+        return group_tokens(f"q/{self.seed}/{self._n}", n)
+
 
 def build(policy: str, shape: BenchShape, seed: int = 0) -> tuple[Scheduler, Workload]:
-    sched = Scheduler(SchedulerConfig(max_total_tokens=shape.pool), make_policy(policy, PolicyConfig()))
+    sched = Scheduler(SchedulerConfig(max_total_tokens=shape.pool), make_policy(policy))
     work = Workload(shape, seed)
     for seq in work.history():
         slots = sched.kv.allocator.alloc(len(seq))
@@ -146,7 +151,7 @@ def time_rematch(shape: BenchShape, repeats: int, seed: int = 0) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m radixfair.sched.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m radixfair.bench.schedule_bench", description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="lpm,dlpm,fcfs")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--waiting", type=int, default=BenchShape.waiting)

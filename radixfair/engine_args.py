@@ -1,0 +1,78 @@
+"""The engine's settings, declared once: `Engine(args)` takes them, the command line's engine flags
+are generated from them (`radixfair.config_flags`), and they build the scheduler's and the policy's
+configs, whose defaults they share. Torch-free, so that the command line and the benchmarks can read
+them without loading the executor."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+from radixfair.config_flags import flag
+from radixfair.sched.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
+from radixfair.sched.scheduler import SchedulerConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_client_weights(text: str) -> dict[str, float]:
+    """`alice=2,bob=1.5` -> {"alice": 2.0, "bob": 1.5}; every weight finite and > 0."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        if not eq or not name.strip() or not w > 0 or w == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT with a weight > 0, got {item!r}")
+        out[name.strip()] = w
+    return out
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = flag(None, "GGUF file or Hugging Face folder", none_means="SmolLM2-135M-Instruct")
+    dtype: str = flag("auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs with native "
+                              "bf16, float32 on other CPUs", choices=DTYPES)
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    max_total_tokens: int | None = flag(None, "KV pool size in tokens", none_means="from --mem-fraction-static")
+    mem_fraction_static: float | None = flag(None, "memory share for the KV pool when --max-total-tokens is not given",
+                                             none_means="0.85 on CUDA, 0.15 of RAM on CPU")
+    max_running_requests: int = flag(SchedulerConfig.max_running_requests, "decode batch limit")
+    max_prefill_tokens: int = flag(SchedulerConfig.max_prefill_tokens, "input tokens per prefill batch")
+    chunked_prefill_size: int = flag(SchedulerConfig.chunked_prefill_size,
+                                     "long prompts are prefilled in chunks of this many tokens; -1 disables "
+                                     "chunked prefill")
+    context_length: int | None = flag(None, "cap on prompt + output tokens", none_means="the model's")
+    schedule_policy: str = flag(DEFAULT_POLICY, "waiting-queue policy", choices=tuple(POLICIES))
+    w_in: float = flag(PolicyConfig.w_in, "cost of an uncached prompt token; vtc charges cached ones too")
+    w_out: float = flag(PolicyConfig.w_out, "cost of an output token")
+    dlpm_quantum: float = flag(PolicyConfig.dlpm_quantum,
+                               "service (in cost units) each client gets per DLPM round, times its weight")
+    client_weights: dict[str, float] = flag({}, "per-client shares for vtc and dlpm; unnamed clients weigh 1",
+                                            parse=parse_client_weights, metavar="ALICE=2,BOB=1")
+    disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
+    random_seed: int = flag(0, "seed of torch's generator")
+    num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
+    # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
+    debug_invariants: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights))
+
+    def scheduler_config(self, max_total_tokens: int, max_context_len: int) -> SchedulerConfig:
+        """The scheduler's settings once the engine has sized the KV pool and read the model's context."""
+        return SchedulerConfig(max_total_tokens=max_total_tokens, max_running_requests=self.max_running_requests,
+                               max_prefill_tokens=self.max_prefill_tokens,
+                               chunked_prefill_size=self.chunked_prefill_size, max_context_len=max_context_len,
+                               disable_radix_cache=self.disable_radix_cache)

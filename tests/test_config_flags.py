@@ -1,0 +1,78 @@
+"""Command-line flags generated from config dataclasses (`radixfair.config_flags`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from radixfair.config_flags import add_flags, flag, flag_values
+
+
+def _pair(text: str) -> dict[str, float]:
+    k, _, v = text.partition("=")
+    return {k: float(v)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch_size: int = flag(8, "requests per batch")
+    rate: float | None = flag(None, "requests/s", none_means="unlimited")
+    mode: str = flag("fast", "how to run", choices=("fast", "slow"))
+    verbose: bool = flag(False, "say more")
+    weights: dict[str, float] = flag({}, "NAME=W", parse=_pair, metavar="NAME=W")
+    key: str | None = flag(None, "one key", exclusive="auth")
+    key_file: str | None = flag(None, "a file of keys", exclusive="auth", metavar="FILE")
+    internal: int = 3  # not a flag
+
+
+def _parse(argv: list[str], **kw: Any) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_flags(p, Settings, **kw)
+    return p.parse_args(argv)
+
+
+def test_defaults_round_trip_to_the_dataclass() -> None:
+    assert Settings(**flag_values(Settings, _parse([]))) == Settings()
+    a, b = Settings(), Settings()
+    assert a.weights == {} and a.weights is not b.weights  # a dict default is copied per instance
+
+
+def test_flags_take_name_type_choices_and_parse_from_the_fields() -> None:
+    ns = _parse(["--batch-size", "4", "--rate", "2.5", "--mode", "slow", "--verbose", "--weights", "a=2",
+                 "--key-file", "k.json"])
+    s = Settings(**flag_values(Settings, ns))
+    assert s == Settings(batch_size=4, rate=2.5, mode="slow", verbose=True, weights={"a": 2.0}, key_file="k.json")
+    assert not hasattr(ns, "internal")
+    for bad in (["--batch-size", "x"], ["--mode", "medium"], ["--key", "k", "--key-file", "f"]):
+        with pytest.raises(SystemExit):
+            _parse(bad)
+
+
+def test_help_states_defaults_and_a_command_may_change_some() -> None:
+    p = argparse.ArgumentParser()
+    add_flags(p, Settings, only=("batch_size", "rate", "weights"), defaults={"batch_size": 64})
+    text = " ".join(p.format_help().split())
+    assert "requests per batch (default: 64)" in text and "requests/s (default: unlimited)" in text
+    assert "(default: None)" not in text and "(default: {})" not in text and "--mode" not in text
+    q = argparse.ArgumentParser()
+    add_flags(q, Settings, only=("rate",), defaults={"rate": 2.0})
+    assert "requests/s (default: 2.0)" in " ".join(q.format_help().split())
+    ns = p.parse_args([])
+    assert flag_values(Settings, ns, only=("batch_size", "rate")) == {"batch_size": 64, "rate": None}
+
+
+def test_misuse_fails_when_the_parser_is_built() -> None:
+    with pytest.raises(TypeError, match="no flag"):
+        add_flags(argparse.ArgumentParser(), Settings, only=("internal",))
+    with pytest.raises(TypeError, match="not added"):
+        add_flags(argparse.ArgumentParser(), Settings, only=("rate",), defaults={"batch_size": 1})
+
+    @dataclass(frozen=True)
+    class NoParse:
+        table: dict[str, int] = flag({}, "no parse function")
+
+    with pytest.raises(TypeError, match="parse function"):
+        add_flags(argparse.ArgumentParser(), NoParse)
