@@ -263,6 +263,17 @@ def test_dlpm_through_the_scheduler_charges_only_uncached_tokens() -> None:
     assert p.deficits["a"] == 1000 - 3 - 2  # one output token at w_out = 2
 
 
+@pytest.mark.parametrize("policy", ["dlpm", "vtc"])
+def test_every_chunk_of_a_chunked_prompt_is_charged(policy: str) -> None:
+    """A prompt prefilled in chunks is charged for each chunk as it is computed, so it costs what the
+    same prompt costs in one piece."""
+    s = make_sched(policy, max_total_tokens=1000, chunked_prefill_size=16)
+    r = mk(list(range(100, 170)), max_new=3, client="a")
+    drive(s, {0: [r]})
+    assert isinstance(s.policy, MeteredPolicy)
+    assert s.policy.service["a"] == 1.0 * 70 + 2.0 * 3
+
+
 def test_weights_scale_the_quantum_and_the_counters() -> None:
     cfg = PolicyConfig(dlpm_quantum=10, client_weights={"alice": 2, "bob": 1})
     assert cfg.weight(mk([1], client="alice", weight=5.0)) == 2, "the configured weight wins"

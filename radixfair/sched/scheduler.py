@@ -203,6 +203,7 @@ class Scheduler:
             if not self.kv.grow(req, take):
                 # not even the ongoing chunk fits: decode first so running requests free memory
                 return None
+            self._charge(req, 0, False)
             admitted.append((req, take))
             token_budget -= take
             if take < n:
