@@ -59,8 +59,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
-    """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON
-    `{"KEY": "alice"}` or `{"KEY": {"client": "alice", "weight": 2}}`."""
+    """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON `{"KEY": "alice"}` or
+    `{"KEY": {"client": "alice", "weight": 2}}`; `"trusted_proxy": true` marks a router's key."""
     import json
 
     from radixfair.server.app import ServerClient
@@ -91,7 +91,10 @@ def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
         w = v.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
             raise ValueError(f"{where}: weight must be a number > 0")
-        keys[key] = ServerClient(v["client"], float(w))
+        proxy = v.get("trusted_proxy", False)
+        if not isinstance(proxy, bool):
+            raise ValueError(f"{where}: trusted_proxy must be true or false")
+        keys[key] = ServerClient(v["client"], float(w), proxy)
     return keys
 
 
@@ -104,6 +107,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     from radixfair.engine.engine import Engine
     from radixfair.server.app import create_app
+    from radixfair.server.connections import uvicorn_config
 
     opts = server_args(ns)
     keys = load_api_keys(opts)
@@ -113,12 +117,21 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         weights = {c.client: c.weight for c in keys.values() if c.weight != 1.0}
         args = replace(args, client_weights={**weights, **args.client_weights})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly while the model loads
+    failure: str | None = None
     try:
         with Engine(args=args) as engine:
-            app = create_app(engine, keys, opts.max_body_bytes)
-            config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=ns.log_level.lower(),
-                                    timeout_graceful_shutdown=5)
+            app = create_app(engine, keys, opts)
+            config = uvicorn_config(app, opts, log_level=ns.log_level.lower(), timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
+
+            # a dead engine thread serves nothing: stop, and exit non-zero so that a supervisor
+            # restarts the server (the requests it held were answered 503 by the engine)
+            def watch_engine() -> None:
+                engine.stopped.wait()
+                if engine.failure is not None:
+                    server.should_exit = True
+
+            threading.Thread(target=watch_engine, name="radixfair-engine-watch", daemon=True).start()
             host = f"[{opts.host}]" if ":" in opts.host else opts.host
 
             # uvicorn installs its own SIGINT/SIGTERM handlers (graceful shutdown) inside run(); the URL
@@ -131,9 +144,13 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
             threading.Thread(target=announce, name="radixfair-announce", daemon=True).start()
             server.run()
+            failure = engine.failure
     except KeyboardInterrupt:
         # SIGINT/SIGTERM: uvicorn has already drained and closed; it re-raises the signal on exit
         pass
+    if failure is not None:
+        print(f"radixfair: error: {failure}; see the log above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,10 +2,10 @@
 
 A field declared with `flag(default, help, ...)` becomes `--kebab-case-name`: its type comes from
 the annotation (`int`, `float`, `str`, or one of those `| None`; a `bool` defaulting to False is a
-switch), its default and help from the declaration, plus what a None default means (`none_means`,
-for the help), `choices`, a `parse` function for values argparse cannot convert by type (a mapping,
-say), a `metavar`, and an `exclusive` group name for flags that cannot be given together. Fields
-declared otherwise are not flags.
+switch; a `tuple[str, ...]` is a repeatable flag), its default and help from the declaration, plus
+what a None default means (`none_means`, for the help), `choices`, a `parse` function for values
+argparse cannot convert by type (a mapping, say), a `metavar`, and an `exclusive` group name for
+flags that cannot be given together. Fields declared otherwise are not flags.
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ def add_flags(parser: _Container, cls: type, *, only: Iterable[str] | None = Non
             if default is not False:
                 raise TypeError(f"flag {f.name!r}: a switch must default to False")
             kwargs["action"] = "store_true"
+        elif kind is tuple:
+            # repeatable: each occurrence adds one value; flag_values turns them into a tuple
+            kwargs.update(action="append", type=spec.parse or str, default=None,
+                          help=f"{spec.help} (repeatable)")
+            if spec.metavar is not None:
+                kwargs["metavar"] = spec.metavar
         else:
             if spec.parse is None and kind not in (int, float, str):
                 raise TypeError(f"flag {f.name!r}: a {kind.__name__} needs a parse function")
@@ -90,7 +96,15 @@ def add_flags(parser: _Container, cls: type, *, only: Iterable[str] | None = Non
 def flag_values(cls: type, ns: argparse.Namespace, *, only: Iterable[str] | None = None) -> dict[str, Any]:
     """The parsed values of `cls`'s flags (those in `only`), by field name: `cls(**values)` or
     `Engine(**values)` takes them."""
-    return {f.name: getattr(ns, f.name) for f in _selected(cls, only)}
+    out = {}
+    for f in _selected(cls, only):
+        value = getattr(ns, f.name)
+        if isinstance(value, list):  # a repeatable flag's values
+            value = tuple(value)
+        elif value is None and isinstance(_default(f), tuple):
+            value = _default(f)
+        out[f.name] = value
+    return out
 
 
 def _selected(cls: type, only: Iterable[str] | None) -> list[dataclasses.Field[Any]]:

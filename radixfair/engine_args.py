@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from radixfair.config_flags import flag
+from radixfair.io_struct import RequestLimits
 from radixfair.sched.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 from radixfair.sched.scheduler import SchedulerConfig
 
@@ -54,6 +55,16 @@ class EngineArgs:
     client_weights: dict[str, float] = flag({}, "per-client shares for vtc and dlpm; unnamed clients weigh 1",
                                             parse=parse_client_weights, metavar="ALICE=2,BOB=1")
     disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
+    # what one call (one /generate or /v1/* body) may ask for; past a limit it is refused (HTTP 400)
+    max_prompts_per_request: int = flag(RequestLimits.max_prompts_per_request, "prompts in one request")
+    max_sequences_per_request: int = flag(RequestLimits.max_sequences_per_request,
+                                          "prompts x n in one request: the sequences it generates")
+    max_request_tokens: int = flag(RequestLimits.max_request_tokens,
+                                   "prompt tokens in one request, over all its prompts and samples")
+    max_stop_token_ids: int = flag(RequestLimits.max_stop_token_ids, "stop_token_ids of one request")
+    max_logprob_entries: int = flag(RequestLimits.max_logprob_entries,
+                                    "logprob values one request may return: (prompt positions from "
+                                    "logprob_start_len + max_new_tokens) x (1 + top_logprobs_num), summed")
     random_seed: int = flag(0, "seed of torch's generator")
     num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
     # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
@@ -69,6 +80,10 @@ class EngineArgs:
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights))
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_prompts_per_request, self.max_sequences_per_request,
+                             self.max_request_tokens, self.max_stop_token_ids, self.max_logprob_entries)
 
     def scheduler_config(self, max_total_tokens: int, max_context_len: int) -> SchedulerConfig:
         """The scheduler's settings once the engine has sized the KV pool and read the model's context."""

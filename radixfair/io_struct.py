@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 from radixfair.sampling_params import SamplingParams
@@ -56,7 +56,17 @@ class ErrorKind(enum.Enum):
 @dataclass(frozen=True)
 class RequestError:
     kind: ErrorKind
-    message: str
+    message: str  # safe to show the caller: internal details go to the server's log, never here
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is shut down, or its thread died: nothing more can be served (HTTP 503)."""
+
+
+def request_key(client_id: str, rid: str) -> str:
+    """The engine's own id of a request: request ids are per client, so two clients may use the
+    same rid at once and neither can reach (abort, or learn of) the other's."""
+    return f"{len(client_id)}:{client_id}:{rid}"
 
 
 def new_rid() -> str:
@@ -98,9 +108,14 @@ def expand_samples(req: EngineRequest) -> list[EngineRequest]:
         return [req]
     return [
         replace(req, rid=f"{req.rid}-{k}",
-                sampling_params=sp.replace(n=1, seed=None if sp.seed is None else sp.seed + k))
+                sampling_params=sp.replace(n=1, seed=None if sp.seed is None else sample_seed(sp.seed, k)))
         for k in range(sp.n)
     ]
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of sample `k`: `seed + k`, wrapped into the 64-bit range a seed may take."""
+    return (seed + k) % (1 << 64)
 
 
 @dataclass(frozen=True)
@@ -175,8 +190,9 @@ class RequestResult:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def meta_info(self) -> dict[str, Any]:
-        """SGLang's `meta_info`: logprobs as `[logprob, token_id, None]` entries."""
+    def meta_info(self, logprobs: bool = True) -> dict[str, Any]:
+        """SGLang's `meta_info`: logprobs (unless `logprobs` is False) as `[logprob, token_id, None]`
+        entries."""
         meta: dict[str, Any] = {
             "id": self.rid,
             "prompt_tokens": self.prompt_tokens,
@@ -187,7 +203,7 @@ class RequestResult:
         }
         if self.ttft is not None:
             meta["ttft"] = self.ttft
-        if self.return_logprob:
+        if self.return_logprob and logprobs:
             meta["input_token_logprobs"] = [logprob_entry(x) for x in self.input_logprobs]
             meta["output_token_logprobs"] = [logprob_entry(x) for x in self.output_logprobs]
             if self.top_logprobs_num > 0:
@@ -229,6 +245,14 @@ class EngineStats:
     tree_tokens: int  # tokens the radix tree holds
     free_slots: int
     max_total_tokens: int  # KV pool size
+    evictable_slots: int = 0  # held by the tree, no request using them
+    protected_slots: int = 0  # held by the tree for running requests
+
+    @property
+    def leaked_slots(self) -> int:
+        """At idle (nothing running or waiting): slots neither free nor in the tree, which is 0
+        unless KV leaked; while requests run, their private slots."""
+        return self.max_total_tokens - self.free_slots - self.evictable_slots - self.protected_slots
 
     @property
     def hit_rate(self) -> float:
@@ -241,7 +265,62 @@ class EngineStats:
     def to_dict(self) -> dict[str, Any]:
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["hit_rate"] = self.hit_rate
+        d["leaked_slots"] = self.leaked_slots
         return d
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one call (one `/generate` body, one `Engine.generate`) may ask for, so that no
+    single request can exhaust the server. The defaults are `EngineArgs`'; each field's flag is
+    named in the refusal, so a caller knows which limit it hit."""
+
+    max_prompts_per_request: int = 256
+    max_sequences_per_request: int = 512  # prompts x n
+    max_request_tokens: int = 262144  # prompt tokens over all prompts and samples
+    max_stop_token_ids: int = 256
+    max_logprob_entries: int = 1 << 20  # returned logprob values, top logprobs included
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f.name} must be an integer >= 1, got {v!r}")
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def refuse(self, field_name: str, what: str, limit: str) -> ValueError:
+        return ValueError(f"{field_name}: {what}; the limit is {getattr(self, limit)} ({self.flag(limit)})")
+
+    def check_sampling(self, raw: Any) -> None:
+        """Checks on a sampling-params dict that must come before building it (a 200,000-id
+        `stop_token_ids` would otherwise be validated id by id first)."""
+        ids = raw.get("stop_token_ids") if isinstance(raw, dict) else getattr(raw, "stop_token_ids", None)
+        if isinstance(ids, (list, tuple)) and len(ids) > self.max_stop_token_ids:
+            raise self.refuse("stop_token_ids", f"{len(ids)} ids", "max_stop_token_ids")
+
+    def check_tokenized(self, treqs: Sequence[TokenizedRequest]) -> None:
+        """The limits that depend on token counts, over every request of one call."""
+        tokens = sum(len(t.input_ids) for t in treqs)
+        if tokens > self.max_request_tokens:
+            raise self.refuse("prompt", f"{tokens} prompt tokens over all prompts and samples",
+                              "max_request_tokens")
+        entries = sum(logprob_entries(t) for t in treqs)
+        if entries > self.max_logprob_entries:
+            raise self.refuse("return_logprob", f"{entries} logprob values asked for (positions x "
+                              "(1 + top_logprobs_num), over all prompts and samples)", "max_logprob_entries")
+
+
+def logprob_entries(treq: TokenizedRequest) -> int:
+    """How many logprob values a request may return: the prompt positions from `logprob_start_len`
+    and every output token, each with its `top_logprobs_num` alternatives."""
+    r = treq.request
+    if not r.return_logprob:
+        return 0
+    prompt = max(0, len(treq.input_ids) - r.logprob_start_len) if r.logprob_start_len >= 0 else 0
+    return (prompt + treq.sampling_params.max_new_tokens) * (1 + r.top_logprobs_num)
 
 
 def build_requests(
@@ -254,32 +333,52 @@ def build_requests(
     logprob_start_len: int = -1,
     top_logprobs_num: int = 0,
     stream: bool = True,
+    limits: RequestLimits | None = None,
 ) -> tuple[list[EngineRequest], bool]:
     """SGLang's `/generate` inputs (also `Engine.generate`'s) as engine requests, prompt-major with
     each prompt's `n` samples in a row, and whether the input was one prompt rather than a batch.
-    ValueError names what is wrong."""
+    ValueError names what is wrong, or the limit the call is over (`limits`; the token-count limits
+    are checked after tokenization, by `RequestLimits.check_tokenized`)."""
+    lim = limits or RequestLimits()
     if (text is None) == (input_ids is None):
         raise ValueError("give exactly one of text (a prompt) or input_ids")
     prompts: list[Any]
+    field_name = "input_ids" if input_ids is not None else "text"
     if input_ids is not None:
         if not isinstance(input_ids, list) or not input_ids:
             raise ValueError("input_ids is empty: give at least one token id (or a list of lists)")
         single = not isinstance(input_ids[0], list)
-        prompts = [input_ids] if single else list(input_ids)
-        if not all(isinstance(p, list) for p in prompts):
-            raise ValueError("input_ids must be a list of token ids or a list of such lists")
+        prompts = [input_ids] if single else input_ids
     else:
         single = isinstance(text, str)
         prompts = [text] if isinstance(text, str) else text if isinstance(text, list) else [None]
-        if not all(isinstance(t, str) for t in prompts):
-            raise ValueError("text must be a string or a list of strings")
     n = len(prompts)
+    # counted before anything is built per prompt: a body of millions of one-token prompts costs
+    # one len() here
+    if n > lim.max_prompts_per_request:
+        raise lim.refuse(field_name, f"{n} prompts in one request", "max_prompts_per_request")
+    if input_ids is not None:
+        if not all(isinstance(p, list) for p in prompts):
+            raise ValueError("input_ids must be a list of token ids or a list of such lists")
+    elif not all(isinstance(t, str) for t in prompts):
+        raise ValueError("text must be a string or a list of strings")
     if isinstance(sampling_params, (list, tuple)):
         if len(sampling_params) != n:
             raise ValueError(f"{len(sampling_params)} sampling_params for {n} prompts")
+        for p in sampling_params:
+            lim.check_sampling(p)
         params = [_sampling_params(p) for p in sampling_params]
     else:
+        lim.check_sampling(sampling_params)
         params = [_sampling_params(sampling_params)] * n
+    sequences = sum(p.n for p in params)
+    if sequences > lim.max_sequences_per_request:
+        raise lim.refuse("n", f"{n} prompts x n = {sequences} sequences", "max_sequences_per_request")
+    if input_ids is not None:
+        tokens = sum(len(p) * sp.n for p, sp in zip(prompts, params, strict=True))
+        if tokens > lim.max_request_tokens:
+            raise lim.refuse("input_ids", f"{tokens} prompt tokens over all prompts and samples",
+                             "max_request_tokens")
     rids = [rid] if isinstance(rid, str) else rid
     if rids is not None and len(rids) != n:
         raise ValueError(f"{len(rids)} rids for {n} prompts")

@@ -12,6 +12,17 @@ from typing import Any
 # Keep room for models with 128k context; the engine checks against its own limits too.
 MAX_NEW_TOKENS_LIMIT = 1 << 20
 GREEDY_TEMPERATURE = 1e-5
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def is_utf8(text: str) -> bool:
+    """False for a string that cannot be encoded, i.e. one with a lone surrogate ("\\ud800"), which
+    JSON can carry but no tokenizer or response can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -105,10 +116,13 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop",
               "must be a non-empty string or a list of non-empty strings")
         check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        check(all(is_utf8(s) for s in self.stop), "stop", "must be valid Unicode (no lone surrogates)")
         check(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of token ids >= 0")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
-        check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
+        # torch's generators take 64 bits; past them the sampler itself would raise, mid-batch
+        check(self.seed is None or (is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+              f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "must be a boolean")
         # special tokens are decoded as a fast tokenizer does (no spaces added around them), which is
         # what `true` gives with fast tokenizers in SGLang and transformers; `false` asks for more

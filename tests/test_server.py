@@ -149,7 +149,8 @@ def test_info_endpoints(http: httpx.Client, engine: Engine) -> None:
     assert load["max_total_tokens"] == 4096 and load["num_reqs"] >= 0
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == engine.model_path
-    assert http.post("/abort_request", json={"rid": "nobody"}).status_code == 200
+    r = http.post("/abort_request", json={"rid": "nobody"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "rid"
     engine.wait_idle(timeout=20)
     r = http.post("/flush_cache")
     assert r.status_code == 200, r.text

@@ -33,14 +33,16 @@ from radixfair.io_struct import (
     EngineOutput,
     EngineRequest,
     EngineStats,
+    EngineUnavailable,
     ErrorKind,
     FinishReason,
     RequestError,
     TokenizedRequest,
     build_requests,
+    request_key,
     result_for,
 )
-from radixfair.sampling_params import SamplingParams
+from radixfair.sampling_params import SamplingParams, is_utf8
 from radixfair.sched.batch import ScheduledBatch
 from radixfair.sched.policies import make_policy
 from radixfair.sched.request import Req
@@ -82,6 +84,10 @@ class _Call:
 
 _STOP = object()
 
+# what a caller is told when the engine thread dies; the exception itself goes to the log
+ENGINE_FAILED = "the engine stopped after an internal error"
+MODEL_FAILED = "internal error while running the model"
+
 
 class Engine:
     def __init__(self, model: str | None = None, args: EngineArgs | None = None, **kwargs: Any) -> None:
@@ -93,6 +99,7 @@ class Engine:
                 overrides["model"] = model
             args = replace(args, **overrides)
         self.args = args
+        self.limits = args.request_limits()
         # before the model loads: a bad policy name or weight should fail fast
         policy = make_policy(args.schedule_policy, args.policy_config())
         if args.num_threads:
@@ -130,12 +137,18 @@ class Engine:
         self.scheduler_config = args.scheduler_config(max_total, self.context_len)
         self.scheduler = Scheduler(self.scheduler_config, policy)
         self._inbox: queue.Queue[Any] = queue.Queue()
-        # rid -> its submission: a non-streaming request is sent only its final output, so it costs
-        # no per-step output and wakes no waiting thread per token
+        # request key (client, rid) -> its submission: a non-streaming request is sent only its final
+        # output, so it costs no per-step output and wakes no waiting thread per token
         self._subs: dict[str, _Submission] = {}
         self._stopped = False
-        # held while checking `_stopped` and queueing, so nothing is queued after the final drain
+        # held while checking `_stopped` and queueing, so nothing is queued after the final drain,
+        # and while changing `_live`
         self._submit_lock = threading.Lock()
+        # keys of the requests submitted and not yet answered in full: a duplicate is refused at once,
+        # and `abort` can tell whether a request was live
+        self._live: dict[str, tuple[str, str]] = {}  # key -> (client_id, rid)
+        self.failure: str | None = None  # why the engine thread died, if it did
+        self.stopped = threading.Event()  # set once the engine thread has ended
         self.invariant_violations = 0
         # called on the scheduler thread after each iteration (schedule, forward pass, outputs) with
         # the batch and the iteration's wall seconds; `bench calibrate` fits the simulator's cost
@@ -157,7 +170,27 @@ class Engine:
                     raise ValueError(f"input_ids must be integers in [0, {vocab}), got {t!r}")
         else:
             assert req.text is not None
+            if not is_utf8(req.text):
+                raise ValueError("text: not valid Unicode (a lone surrogate such as \\ud800)")
             ids = tuple(self.tokenizer.encode(req.text))
+        return self._fit(req, ids)
+
+    def tokenize_all(self, reqs: Sequence[EngineRequest]) -> list[TokenizedRequest]:
+        """`tokenize` for every request of one call, and the call's limits on its totals
+        (`RequestLimits.check_tokenized`). The samples of a prompt (`n` > 1) share its tokenization."""
+        out: list[TokenizedRequest] = []
+        prev: TokenizedRequest | None = None
+        for r in reqs:
+            if prev is not None and (r.text if r.text is not None else r.input_ids) is (
+                    prev.request.text if prev.request.text is not None else prev.request.input_ids):
+                out.append(self._fit(r, prev.input_ids))
+            else:
+                out.append(self.tokenize(r))
+            prev = out[-1]
+        self.limits.check_tokenized(out)
+        return out
+
+    def _fit(self, req: EngineRequest, ids: tuple[int, ...]) -> TokenizedRequest:
         sp = req.sampling_params
         fitted = fit_max_new_tokens(len(ids), sp.max_new_tokens, self.scheduler_config)
         if fitted != sp.max_new_tokens:
@@ -165,19 +198,49 @@ class Engine:
         return TokenizedRequest(req, ids, sp)
 
     def submit(self, treq: TokenizedRequest, sink: Sink) -> None:
-        """Queue `treq`; its outputs go to `sink`, called on the engine thread (it must be quick and
-        must not raise). A streaming request gets an output per step, others only the last one."""
+        """Queue `treq`; its outputs go to `sink`, called on the engine thread (it must be quick; what
+        it raises is logged). A streaming request gets an output per step, others only the last one.
+        A request id its client already has in flight is answered at once, through `sink`, with an
+        INVALID_REQUEST error. Raises EngineUnavailable once the engine has stopped."""
+        r = treq.request
+        key = request_key(r.client_id, r.rid)
         with self._submit_lock:
             if self._stopped:
-                raise RuntimeError("the engine is shut down")
-            self._inbox.put(_Submission(treq, sink))
+                raise EngineUnavailable(self._stopped_message())
+            duplicate = key in self._live
+            if not duplicate:
+                self._live[key] = (r.client_id, r.rid)
+                self._inbox.put(_Submission(treq, sink))
+        if duplicate:
+            message = f"rid: duplicate request id {r.rid!r}: another of your requests in flight uses it"
+            _send(sink, EngineOutput(r.rid, "", (), finish_reason=FinishReason("abort", message=message),
+                                     error=RequestError(ErrorKind.INVALID_REQUEST, message)))
+
+    def in_flight(self, client_id: str, rid: str) -> bool:
+        """Whether `client_id` has a request `rid` submitted and not yet answered in full."""
+        with self._submit_lock:
+            return request_key(client_id, rid) in self._live
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests: not shut down, and its thread has not died."""
+        return not self._stopped and self._thread.is_alive()
+
+    def _stopped_message(self) -> str:
+        return ENGINE_FAILED if self.failure is not None else "the engine is shut down"
 
     async def generate_async(self, req: EngineRequest | TokenizedRequest) -> AsyncGenerator[EngineOutput, None]:
         """The outputs of one request, for an asyncio consumer; leaving early aborts the request."""
         treq = req if isinstance(req, TokenizedRequest) else await asyncio.to_thread(self.tokenize, req)
         loop = asyncio.get_running_loop()
         aq: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.submit(treq, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out))
+        try:
+            self.submit(treq, lambda out: loop.call_soon_threadsafe(aq.put_nowait, out))
+        except EngineUnavailable as e:
+            # answered like a request the engine failed in flight, so a consumer has one path
+            yield EngineOutput(treq.rid, "", (), finish_reason=FinishReason("abort", message=str(e)),
+                               error=RequestError(ErrorKind.UNAVAILABLE, str(e)))
+            return
         done = False
         try:
             while not done:
@@ -186,10 +249,20 @@ class Engine:
                 yield out
         finally:
             if not done:
-                self.abort(treq.rid)
+                self.abort(treq.rid, treq.request.client_id)
 
-    def abort(self, rid: str) -> None:
-        self._inbox.put(_Abort(rid))
+    def abort(self, rid: str, client_id: str | None = None) -> bool:
+        """Abort the request `rid` of `client_id` (None: of any client, for in-process callers);
+        returns whether there was such a request in flight. Its caller gets its last output, with
+        finish reason `abort`."""
+        with self._submit_lock:
+            if client_id is not None:
+                keys = [request_key(client_id, rid)] if request_key(client_id, rid) in self._live else []
+            else:
+                keys = [k for k, (_, r) in self._live.items() if r == rid]
+        for key in keys:
+            self._inbox.put(_Abort(key))
+        return bool(keys)
 
     # ---- SGLang's offline API --------------------------------------------------------------------
     def generate(
@@ -207,8 +280,8 @@ class Engine:
         """One prompt -> one result dict (`text`, `output_ids`, `meta_info`); a list (or `n` > 1) ->
         a flat list, prompt-major. `stream=True` -> an iterator of cumulative result dicts."""
         reqs, single = build_requests(prompt, input_ids, sampling_params, rid, client_id, return_logprob,
-                                      logprob_start_len, top_logprobs_num, stream)
-        treqs = [self.tokenize(r) for r in reqs]  # all checked before any is queued
+                                      logprob_start_len, top_logprobs_num, stream, self.limits)
+        treqs = self.tokenize_all(reqs)  # all checked before any is queued
         if stream:
             if len(treqs) != 1:
                 raise ValueError("stream=True takes a single prompt")
@@ -236,7 +309,7 @@ class Engine:
                 yield res.to_dict()
         finally:
             if not res.finished:
-                self.abort(treq.rid)
+                self.abort(treq.rid, treq.request.client_id)
 
     # ---- control and introspection ---------------------------------------------------------------
     def flush_cache(self) -> None:
@@ -273,10 +346,11 @@ class Engine:
     # ---- the engine thread -----------------------------------------------------------------------
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the scheduler thread (the only thread that touches scheduler state)."""
-        if self._stopped:
-            raise RuntimeError("the engine is shut down")
         call = _Call(fn)
-        self._inbox.put(call)
+        with self._submit_lock:
+            if self._stopped:
+                raise EngineUnavailable(self._stopped_message())
+            self._inbox.put(call)
         if not call.done.wait(timeout=60):
             raise TimeoutError("the scheduler thread did not answer")
         if call.error is not None:
@@ -309,19 +383,13 @@ class Engine:
 
     def _admit(self, sub: _Submission) -> None:
         treq = sub.treq
-        rid = treq.rid
-        if rid in self._subs:
-            # answered through this submission's own sink: the live request keeps its own
-            message = f"duplicate request id {rid!r}: it is already in use"
-            sub.sink(EngineOutput(rid, "", (), finish_reason=FinishReason("abort", message=message),
-                                  error=RequestError(ErrorKind.INVALID_REQUEST, message)))
-            return
         r = treq.request
+        key = request_key(r.client_id, r.rid)  # unique among live requests: submit saw to it
         sp = treq.sampling_params
         sub.req = Req(
             origin_input_ids=list(treq.input_ids),
             sampling_params=sp,
-            rid=rid,
+            rid=key,
             client_id=r.client_id,
             eos_token_ids=self.eos_token_ids,
             return_logprob=r.return_logprob,
@@ -330,37 +398,46 @@ class Engine:
             detokenizer=self.tokenizer.incremental_detokenizer(treq.input_ids,
                                                                skip_special_tokens=sp.skip_special_tokens),
         )
-        self._subs[rid] = sub
+        self._subs[key] = sub
         self.scheduler.add_request(sub.req)
 
     def _loop(self) -> None:
+        message = "the engine shut down"
         try:
-            while self._drain_inbox(block=self.scheduler.is_idle()):
-                t0 = time.perf_counter()
-                batch = self.scheduler.schedule()
-                for req in self.scheduler.pop_dropped():
-                    self._finish(req)
-                if batch is None:
-                    if self.scheduler.is_idle():
-                        self._check_idle_invariant()
-                    continue
-                try:
-                    out = self.runner.run(batch)
-                except Exception as e:
-                    logger.exception("forward pass failed; aborting the %d requests of the batch", len(batch.reqs))
-                    message = f"internal error in the forward pass: {e}"
-                    self.scheduler.fail_batch(batch, message)
-                    for req in batch.reqs:
-                        self._finish(req, RequestError(ErrorKind.INTERNAL, message))
-                    continue
-                finished = self.scheduler.process_output(batch, out)
-                self._publish(batch, finished)
-                if self.pass_observers:
-                    dt = time.perf_counter() - t0
-                    for observe in self.pass_observers:
-                        observe(batch, dt)
+            self._serve()
+        except BaseException:
+            # anything outside the model call (the scheduler, a policy, the bookkeeping): the engine's
+            # state can no longer be trusted, so it stops, and says so to everyone waiting on it
+            logger.exception("the engine thread failed; failing every request in flight or queued")
+            self.failure = message = ENGINE_FAILED
         finally:
-            self._fail_all("the engine shut down")
+            self._fail_all(message)
+            self.stopped.set()
+
+    def _serve(self) -> None:
+        while self._drain_inbox(block=self.scheduler.is_idle()):
+            t0 = time.perf_counter()
+            batch = self.scheduler.schedule()
+            for req in self.scheduler.pop_dropped():
+                self._finish(req)
+            if batch is None:
+                if self.scheduler.is_idle():
+                    self._check_idle_invariant()
+                continue
+            try:
+                out = self.runner.run(batch)
+            except Exception:
+                logger.exception("forward pass failed; aborting the %d requests of the batch", len(batch.reqs))
+                self.scheduler.fail_batch(batch, MODEL_FAILED)
+                for req in batch.reqs:
+                    self._finish(req, RequestError(ErrorKind.INTERNAL, MODEL_FAILED))
+                continue
+            finished = self.scheduler.process_output(batch, out)
+            self._publish(batch, finished)
+            if self.pass_observers:
+                dt = time.perf_counter() - t0
+                for observe in self.pass_observers:
+                    observe(batch, dt)
 
     def _publish(self, batch: ScheduledBatch, finished: list[Req]) -> None:
         done = set(map(id, finished))
@@ -368,15 +445,19 @@ class Engine:
             if id(req) in done:
                 self._finish(req)
             elif req.output_ids and (sub := self._subs.get(req.rid)) is not None and sub.treq.request.stream:
-                sub.sink(self._output(sub, req, False))
+                _send(sub.sink, self._output(sub, req, False))
 
     def _finish(self, req: Req, error: RequestError | None = None) -> None:
         self.runner.forget(req.rid)
         sub = self._subs.pop(req.rid, None)
         if sub is None:
             return
+        with self._submit_lock:
+            self._live.pop(req.rid, None)
+        if error is None and req.error is not None:
+            error = RequestError(ErrorKind.INTERNAL, req.error)
         sub.error = error
-        sub.sink(self._output(sub, req, True))
+        _send(sub.sink, self._output(sub, req, True))
 
     @staticmethod
     def _output(sub: _Submission, req: Req, finished: bool) -> EngineOutput:
@@ -384,7 +465,7 @@ class Engine:
         text = req.output_text(final=finished)
         n_out, n_olp, n_ilp = len(req.output_ids), len(req.output_token_logprobs), len(req.input_token_logprobs)
         out = EngineOutput(
-            rid=req.rid,
+            rid=sub.treq.rid,
             text=text[sub.sent_text:],
             token_ids=tuple(req.output_ids[sub.sent_tokens:]),
             output_logprobs=tuple(req.output_token_logprobs[sub.sent_output_logprobs:]),
@@ -414,6 +495,7 @@ class Engine:
         """Answer everything still in flight or queued: nobody may wait forever on a stopped engine."""
         with self._submit_lock:
             self._stopped = True
+            self._live.clear()
         error = RequestError(ErrorKind.UNAVAILABLE, message)
         pending = list(self._subs.values())
         self._subs.clear()
@@ -425,9 +507,18 @@ class Engine:
             if isinstance(item, _Submission):
                 pending.append(item)
             elif isinstance(item, _Call):
-                item.error = RuntimeError(message)
+                item.error = EngineUnavailable(message)
                 item.done.set()
         for sub in pending:
             rid = sub.treq.rid
-            sub.sink(EngineOutput(rid, "", (), finish_reason=FinishReason("abort", message=message), error=error))
+            _send(sub.sink, EngineOutput(rid, "", (), finish_reason=FinishReason("abort", message=message),
+                                         error=error))
+
+
+def _send(sink: Sink, out: EngineOutput) -> None:
+    """A sink that raises (its event loop closed, say) loses its own output, not the engine thread."""
+    try:
+        sink(out)
+    except Exception:
+        logger.exception("the sink of request %s failed", out.rid)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
+from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
@@ -282,6 +283,7 @@ class ModelRunner:
         in_tops: list[list[list[tuple[float, int]]] | None] = [None] * n
         sample_rows: list[int] = []
         sample_reqs = []
+        failed: dict[int, str] = {}
         offset = 0
         for i, req in enumerate(batch.reqs):
             lp = batch.logprob_positions[i] if batch.logprob_positions else None
@@ -300,7 +302,7 @@ class ModelRunner:
                 offset += 1
         if sample_reqs:
             rows = logits if len(sample_rows) == logits.shape[0] else logits[self._tensor(np.asarray(sample_rows))]
-            res = self.sampler.sample(rows, sample_reqs)
+            res, failed_rows = sample_isolated(self.sampler, rows, sample_reqs)
             j = 0
             for i in range(n):
                 if batch.sample[i]:
@@ -309,5 +311,7 @@ class ModelRunner:
                         next_lps[i] = res.logprobs[j]
                     if res.top_logprobs is not None:
                         next_tops[i] = res.top_logprobs[j]
+                    if j in failed_rows:
+                        failed[i] = failed_rows[j]
                     j += 1
-        return BatchOutput(next_ids, next_lps, next_tops, in_lps, in_tops)
+        return BatchOutput(next_ids, next_lps, next_tops, in_lps, in_tops, failed)

@@ -57,3 +57,5 @@ class BatchOutput:
     # prompt logprobs aligned with ScheduledBatch.logprob_positions
     input_logprobs: list[list[float] | None] | None = None
     input_top_logprobs: list[list[list[tuple[float, int]]] | None] | None = None
+    # batch index -> why that request could not be continued (its sampling failed): it alone fails
+    failed: dict[int, str] = field(default_factory=dict)

@@ -69,6 +69,7 @@ class Req:
     charged_upto: int = 0  # KV positions already charged to the client (computed once, or cached)
     admitted_once: bool = False
     num_retractions: int = 0
+    error: str | None = None  # set when the server failed this request (not the client's doing)
 
     input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -158,6 +159,12 @@ class Req:
 
     def abort(self, message: str = "aborted") -> None:
         self.finish(FinishReason("abort", message=message))
+
+    def fail(self, message: str) -> None:
+        """End the request because the server could not go on with it (an internal error)."""
+        if self.error is None and not self.finished:
+            self.error = message
+        self.abort(message)
 
     def reset_kv(self) -> None:
         self.slots = empty_slots()

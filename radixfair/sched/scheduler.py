@@ -109,6 +109,7 @@ class Scheduler:
             prefill_tokens=c.prefill_tokens, decode_tokens=c.decode_tokens, retractions=c.retractions,
             evicted_tokens=kv.tree.evicted_tokens, tree_tokens=kv.tree.total_tokens(),
             free_slots=kv.allocator.available(), max_total_tokens=self.config.max_total_tokens,
+            evictable_slots=kv.tree.evictable_size(), protected_slots=kv.tree.protected_size(),
         )
 
     # ---- queue ---------------------------------------------------------------------------------
@@ -437,6 +438,11 @@ class Scheduler:
                 # a chunk of a long prompt: publish it in the tree so others can share it now
                 self.kv.publish(req)
                 continue
+            if i in out.failed:
+                req.fail(out.failed[i])
+                self._leave(req)
+                finished.append(req)
+                continue
             token = out.next_token_ids[i]
             if req.return_logprob and req.sampling_params.max_new_tokens > 0:
                 top = out.next_top_logprobs[i] if out.next_top_logprobs is not None else None
@@ -445,7 +451,13 @@ class Scheduler:
             if req.sampling_params.max_new_tokens == 0:
                 req.finish(FinishReason("length", length=0))
             else:
-                req.append_token(token)
+                try:
+                    req.append_token(token)
+                except Exception:
+                    # e.g. the detokenizer on a token it cannot decode: this request fails, the
+                    # batch and the scheduler go on
+                    logger.exception("request %s: could not apply its sampled token %d", req.rid, token)
+                    req.fail("internal error while decoding the output")
                 self.policy.on_decode(req, 1)
                 self._counters.decode_tokens += 1
             if batch.mode is BatchMode.PREFILL:

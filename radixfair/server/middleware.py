@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -9,12 +12,14 @@ from radixfair.server.errors import error_body
 
 
 class BodyLimit:
-    """A request body over `max_bytes` (by Content-Length, or as it streams in) is a 413. The body is
-    read before the app runs (every body here is one JSON document), then replayed."""
+    """A request body over `max_bytes` (by Content-Length, or as it streams in) is a 413, and one not
+    in after `read_timeout` seconds a 408: a slow client cannot hold a body buffer forever. The body
+    is read before the app runs (every body here is one JSON document), then replayed."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -24,8 +29,15 @@ class BodyLimit:
         too_big = length.isdigit() and int(length) > self.max_bytes
         chunks: list[bytes] = []
         size, more = 0, not too_big
+        deadline = time.monotonic() + self.read_timeout
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                body = error_body(f"the request body did not arrive within {self.read_timeout:g} s "
+                                  "(--read-timeout)", code=408)
+                await JSONResponse(body, status_code=408, headers={"Connection": "close"})(scope, receive, send)
+                return
             if msg["type"] != "http.request":  # the client left before sending its body
                 return
             chunks.append(msg.get("body", b""))

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from radixfair.io_struct import ErrorKind, RequestResult, TokenizedRequest, build_requests, result_for
-from radixfair.server.auth import client_of
-from radixfair.server.errors import APIError, error_body, param_of
+from radixfair.io_struct import TokenizedRequest, build_requests, result_for
+from radixfair.server.auth import client_of, operator_view, require_admin
+from radixfair.server.errors import APIError, engine_error, error_body, first_error, param_of
+from radixfair.server.native_stream import StreamEncoder, TokenText, native_result
 from radixfair.server.protocol import AbortRequest, GenerateRequest
 from radixfair.server.state import ServerState, State
-from radixfair.server.streaming import SSE_DONE, collect, merge_streams, sse
+from radixfair.server.streaming import SSE_DONE, collect, error_event, merge_streams
 from radixfair.server.version import version
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
@@ -24,50 +25,24 @@ HEALTH_GENERATE_TIMEOUT_S = 20.0
 router = APIRouter()
 
 
-def native_result(res: RequestResult, token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
-    """A result as `/generate` returns it. With logprobs, `normalized_prompt_logprob` as SGLang
-    computes it; with `token_text`, each logprob entry's third element is its token's text
-    (`return_text_in_logprobs`)."""
-    out = res.to_dict()
-    meta = out["meta_info"]
-    if "input_token_logprobs" not in meta:
-        return out
-    # SGLang: the mean over the prompt positions that have a logprob (the first one has none)
-    lps = [x.logprob for x in res.input_logprobs if x.logprob is not None]
-    if lps:
-        meta["normalized_prompt_logprob"] = sum(lps) / len(lps)
-    if token_text is not None:
-        def entry(e: Any) -> tuple[Any, int, str]:
-            return (e[0], e[1], token_text(e[1]))
-        for key in ("input_token_logprobs", "output_token_logprobs"):
-            meta[key] = [entry(e) for e in meta[key]]
-        for key in ("input_top_logprobs", "output_top_logprobs"):
-            if key in meta:
-                meta[key] = [None if top is None else [entry(e) for e in top] for top in meta[key]]
-    return out
-
-
-def refused(res: RequestResult) -> str | None:
-    """The message of a request the engine refused after submission (e.g. a duplicate rid)."""
-    if res.error is not None and res.error.kind is ErrorKind.INVALID_REQUEST:
-        return res.error.message
-    return None
-
-
 @router.get("/health")
-async def health() -> Response:
+async def health(state: State) -> Response:
+    if not state.engine.alive:
+        return JSONResponse(error_body("the engine is not running", "service_unavailable", code=503), 503)
     return Response(status_code=200)
 
 
 @router.get("/health_generate")
 async def health_generate(request: Request, state: State) -> Response:
+    if not state.engine.alive:
+        return JSONResponse(error_body("the engine is not running", "service_unavailable", code=503), 503)
     eos = state.engine.eos_token_ids
     reqs, _ = build_requests(input_ids=[eos[0] if eos else 0], client_id="health", stream=False,
                              sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True})
     treqs = await state.tokenize(reqs)
     try:
         results = await asyncio.wait_for(collect(state, treqs, "health", request), HEALTH_GENERATE_TIMEOUT_S)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         return JSONResponse(error_body("generation timed out", "service_unavailable", code=503), 503)
     if results[0].error is not None or not results[0].output_ids:
         return JSONResponse(error_body("generation failed", "service_unavailable", code=503), 503)
@@ -81,23 +56,27 @@ async def get_model_info(state: State) -> dict[str, Any]:
 
 
 @router.get("/get_server_info")
-def get_server_info(state: State) -> dict[str, Any]:
+def get_server_info(request: Request, state: State) -> dict[str, Any]:
     # sync handler: get_stats waits on the scheduler thread, so it runs in the threadpool
     engine = state.engine
-    info = asdict(engine.args)
+    args = asdict(engine.args)
+    if not operator_view(request):
+        args.pop("client_weights")  # names clients: for operators only
+    info = dict(args)
     info.update(model_path=engine.model_path, max_total_tokens=engine.max_total_tokens,
                 context_length=engine.context_len, device=str(engine.device), dtype=str(engine.dtype),
                 vocab_size=engine.model_config.vocab_size, version=version(), auth=state.auth,
                 stats=engine.get_stats().to_dict())
     # the arguments the engine was started with, as `Engine(**engine_args)` takes them (e.g. for
     # `radixfair bench serve` to build the same engine in-process); the keys above are resolved values
-    info["engine_args"] = asdict(engine.args)
+    info["engine_args"] = args
     return info
 
 
 @router.get("/metrics")
-def prometheus_metrics(state: State) -> Response:
+def prometheus_metrics(request: Request, state: State) -> Response:
     # sync handler: reading the stats waits on the scheduler thread
+    require_admin(request)
     return Response(state.metrics.render(state.engine.get_stats()),
                     media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -110,7 +89,8 @@ def get_load(state: State) -> dict[str, Any]:
 
 
 @router.post("/flush_cache")
-def flush_cache(state: State) -> Response:
+def flush_cache(request: Request, state: State) -> Response:
+    require_admin(request)
     try:
         state.engine.flush_cache()
     except RuntimeError as e:
@@ -119,44 +99,51 @@ def flush_cache(state: State) -> Response:
 
 
 @router.post("/abort_request")
-async def abort_request(body: AbortRequest, state: State) -> dict[str, Any]:
-    state.engine.abort(body.rid)
+async def abort_request(body: AbortRequest, request: Request, state: State) -> dict[str, Any]:
+    # request ids are per client: one can abort only its own, and learns nothing of anyone else's
+    if not state.engine.abort(body.rid, client_of(request)):
+        raise APIError(f"rid: no request {body.rid!r} of yours is in flight", status=404, param="rid")
     return {"rid": body.rid}
 
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request, state: State) -> Response:
+    state.check_alive()
     if body.text is not None and body.input_ids is not None:
         raise APIError("give exactly one of text or input_ids", param="text")
     client = client_of(request)
     try:
-        reqs, single = build_requests(body.text, body.input_ids, body.sampling_params, body.rid, client,
+        reqs, single = build_requests(body.text, body.input_ids, body.sampling_dicts(), body.rid, client,
                                       body.return_logprob, body.logprob_start_len, body.top_logprobs_num,
-                                      body.stream)
+                                      body.stream, state.engine.limits)
     except ValueError as e:
         raise APIError(str(e), param=param_of(str(e))) from e
-    treqs = await state.tokenize(reqs)
-    token_text = state.token_text if body.return_text_in_logprobs else None
-    if body.stream:
-        return StreamingResponse(_native_stream(state, treqs, client, token_text), media_type="text/event-stream")
-    results = await collect(state, treqs, client, request)
-    for res in results:
-        msg = refused(res)
-        if msg:
-            raise APIError(msg, param=param_of(msg, "rid" if "request id" in msg else None))
+    with state.admission.admit(client, len(reqs)) as ticket:
+        treqs = await state.tokenize(reqs)
+        token_text = state.token_text if body.return_text_in_logprobs else None
+        if body.stream:
+            state.check_rids(treqs)
+            return ticket.stream(_native_stream(state, treqs, client, token_text))
+        results = await collect(state, treqs, client, request)
+    err = first_error(results)
+    if err is not None:
+        raise engine_error(err)
     out = [native_result(r, token_text) for r in results]
     return JSONResponse(out[0] if single and len(out) == 1 else out)
 
 
 async def _native_stream(state: ServerState, treqs: list[TokenizedRequest], client: str,
-                         token_text: Callable[[int], str] | None) -> AsyncIterator[bytes]:
-    """SGLang's stream: each chunk carries the cumulative text and meta_info of one request."""
-    results = [result_for(t.request) for t in treqs]
+                         token_text: TokenText | None) -> AsyncIterator[bytes]:
+    """SGLang's stream: each chunk carries one request's cumulative text and meta_info (or only what
+    is new, with --incremental-streaming-output)."""
+    encoders = [StreamEncoder(result_for(t.request), state.incremental_streaming_output, token_text,
+                              i if len(treqs) > 1 else None) for i, t in enumerate(treqs)]
     async with aclosing(merge_streams(state, treqs, client)) as stream:
         async for i, out in stream:
-            results[i].add(out)
-            chunk = native_result(results[i], token_text)
-            if len(treqs) > 1:
-                chunk["index"] = i  # SGLang tags batch-stream chunks with the prompt's index
-            yield sse(chunk)
+            enc = encoders[i]
+            enc.res.add(out)
+            if out.error is not None:
+                yield error_event(engine_error(out.error), enc.index)
+                continue
+            yield b"data: " + enc.chunk(out).encode() + b"\n\n"
     yield SSE_DONE

@@ -9,11 +9,12 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from radixfair.io_struct import (
     EngineRequest,
     FinishReason,
+    RequestLimits,
     RequestResult,
     TokenizedRequest,
     TokenLogprob,
@@ -21,15 +22,15 @@ from radixfair.io_struct import (
 )
 from radixfair.sampling_params import SamplingParams
 from radixfair.server.auth import client_of
-from radixfair.server.errors import APIError, param_of
+from radixfair.server.errors import APIError, engine_error, first_error, param_of
 from radixfair.server.protocol import ChatCompletionRequest, CompletionRequest
 from radixfair.server.state import ServerState, State
-from radixfair.server.streaming import SSE_DONE, collect, merge_streams, sse
+from radixfair.server.streaming import SSE_DONE, collect, error_event, merge_streams, sse
 
 router = APIRouter()
 
 # OpenAI names of the engine's fields, so that an error names what the caller actually sent
-_RENAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_RENAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "prompt", "input_ids": "prompt"}
 
 
 def rename_fields(message: str) -> str:
@@ -74,7 +75,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def engine_requests(body: CompletionRequest | ChatCompletionRequest, client: str, max_tokens: int | None,
                     text: str | list[str] | None, input_ids: list[int] | list[list[int]] | None,
-                    return_logprob: bool, top_logprobs_num: int) -> list[EngineRequest]:
+                    return_logprob: bool, top_logprobs_num: int,
+                    limits: RequestLimits | None = None) -> list[EngineRequest]:
     """Prompt-major, `n` samples of each prompt in a row (OpenAI's choice order). Fields left out
     take the engine's defaults; an error names the field as OpenAI calls it."""
     p: dict[str, Any] = {
@@ -95,9 +97,12 @@ def engine_requests(body: CompletionRequest | ChatCompletionRequest, client: str
         "n": body.n,
     }
     try:
-        sp = SamplingParams.from_dict({k: v for k, v in p.items() if v is not None})
+        raw = {k: v for k, v in p.items() if v is not None}
+        if limits is not None:
+            limits.check_sampling(raw)
+        sp = SamplingParams.from_dict(raw)
         reqs, _ = build_requests(text, input_ids, sp, body.rid, client, return_logprob,
-                                 top_logprobs_num=top_logprobs_num, stream=body.stream)
+                                 top_logprobs_num=top_logprobs_num, stream=body.stream, limits=limits)
     except ValueError as e:
         msg = rename_fields(str(e))
         raise APIError(msg, param=param_of(msg, "prompt" if "prompt" in msg else None)) from e
@@ -187,6 +192,9 @@ class Completion:
         async with aclosing(merge_streams(self.state, self.treqs, self.client)) as outs:
             async for i, out in outs:
                 results[i].add(out)
+                if out.error is not None:
+                    yield error_event(engine_error(out.error, rename_fields), i)
+                    continue
                 fr = finish_reason(out.finish_reason)
                 if not out.text and fr is None:
                     continue  # a token that decoded to no text yet (a partial UTF-8 sequence)
@@ -209,11 +217,17 @@ def _usage_wanted(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 async def _respond(state: ServerState, body: CompletionRequest | ChatCompletionRequest, request: Request,
                    reqs: list[EngineRequest], client: str, chat: bool) -> Response:
-    treqs = await state.tokenize(reqs, rename_fields)
-    oa = Completion(state, treqs, client, body.n, chat=chat)
-    if body.stream:
-        return StreamingResponse(oa.stream(include_usage=_usage_wanted(body)), media_type="text/event-stream")
-    return JSONResponse(oa.response(await collect(state, treqs, client, request)))
+    with state.admission.admit(client, len(reqs)) as ticket:
+        treqs = await state.tokenize(reqs, rename_fields)
+        oa = Completion(state, treqs, client, body.n, chat=chat)
+        if body.stream:
+            state.check_rids(treqs)
+            return ticket.stream(oa.stream(include_usage=_usage_wanted(body)))
+        results = await collect(state, treqs, client, request)
+    err = first_error(results)
+    if err is not None:
+        raise engine_error(err, rename_fields)
+    return JSONResponse(oa.response(results))
 
 
 @router.get("/v1/models")
@@ -226,6 +240,7 @@ async def list_models(state: State) -> dict[str, Any]:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    state.check_alive()
     state.check_model(body.model)
     if body.echo:
         raise APIError("echo is not supported", param="echo")
@@ -233,13 +248,15 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         raise APIError(f"logprobs: must be in [0, 20] (got {body.logprobs})", param="logprobs")
     text, ids = split_prompt(body.prompt)
     client = client_of(request, body.user)
-    reqs = engine_requests(body, client, body.max_tokens, text, ids, body.logprobs is not None, body.logprobs or 0)
+    reqs = engine_requests(body, client, body.max_tokens, text, ids, body.logprobs is not None, body.logprobs or 0,
+                           state.engine.limits)
     return await _respond(state, body, request, reqs, client, chat=False)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            state: State) -> Response:
+    state.check_alive()
     state.check_model(body.model)
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise APIError(f"top_logprobs: must be in [0, 20] (got {body.top_logprobs})", param="top_logprobs")
@@ -247,14 +264,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         messages = normalize_messages(body.messages)
     except ValueError as e:
         raise APIError(str(e), param="messages") from e
-    try:
-        text = state.engine.tokenizer.apply_chat_template(messages)
-    except ValueError as e:
-        raise APIError(str(e), param="messages") from e
-    except Exception as e:  # a template error on this input (e.g. roles it rejects) is the caller's
-        raise APIError(f"messages: the chat template failed: {e}", param="messages") from e
+    text = await state.render_chat(messages)  # off the event loop
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     client = client_of(request, body.user)
-    reqs = engine_requests(body, client, max_tokens, text, None, body.logprobs, body.top_logprobs or 0)
+    reqs = engine_requests(body, client, max_tokens, text, None, body.logprobs, body.top_logprobs or 0,
+                           state.engine.limits)
     return await _respond(state, body, request, reqs, client, chat=True)
 

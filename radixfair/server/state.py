@@ -1,16 +1,19 @@
-"""What every handler shares: the engine, the metrics, the served model's name."""
+"""What every handler shares: the engine, the metrics, admission, identity, the served model's name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from radixfair.io_struct import EngineRequest, TokenizedRequest
-from radixfair.server.errors import APIError, param_of
+from radixfair.sampling_params import is_utf8
+from radixfair.server.admission import Admission
+from radixfair.server.auth import Identity
+from radixfair.server.errors import APIError, param_of, unavailable
 from radixfair.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -21,8 +24,15 @@ if TYPE_CHECKING:
 class ServerState:
     engine: Engine
     metrics: ServerMetrics
-    auth: bool  # API keys are configured
+    identity: Identity
+    admission: Admission
+    incremental_streaming_output: bool = False
     _token_texts: dict[int, str] = field(default_factory=dict)  # bounded by the vocabulary
+
+    @property
+    def auth(self) -> bool:
+        """API keys are configured."""
+        return self.identity.auth
 
     @property
     def model_name(self) -> str:
@@ -40,15 +50,44 @@ class ServerState:
             raise APIError(f"model: '{model}' is not served here; /v1/models lists '{self.model_name}'",
                            status=404, param="model", code="model_not_found")
 
+    def check_alive(self) -> None:
+        """A stopped engine answers at once with 503, before any work is accepted."""
+        if not self.engine.alive:
+            raise unavailable("the engine is not running" if self.engine.failure is None else self.engine.failure)
+
+    def check_rids(self, treqs: list[TokenizedRequest]) -> None:
+        """A stream's status line goes out before the engine answers: a request id the client already
+        has in flight is refused first, as a 400 (the engine would refuse it anyway)."""
+        for t in treqs:
+            if self.engine.in_flight(t.request.client_id, t.rid):
+                raise APIError(f"rid: duplicate request id {t.rid!r}: another of your requests in flight uses it",
+                               param="rid")
+
     async def tokenize(self, reqs: list[EngineRequest],
                        rename: Callable[[str], str] = lambda m: m) -> list[TokenizedRequest]:
         """Check and tokenize off the event loop (a long prompt must not stall other streams); a
         refusal is a 400 naming the field, in the caller's vocabulary (`rename`)."""
         try:
-            return await run_in_threadpool(lambda: [self.engine.tokenize(r) for r in reqs])
+            return await run_in_threadpool(self.engine.tokenize_all, reqs)
         except ValueError as e:
             msg = rename(str(e))
             raise APIError(msg, param=param_of(msg, "prompt" if "prompt" in msg else None)) from e
+
+    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The chat template over `messages`, off the event loop (a template over a huge conversation
+        is slow); what the template rejects is a 400 on `messages`."""
+        def render() -> str:
+            return self.engine.tokenizer.apply_chat_template(messages)
+
+        try:
+            text = await run_in_threadpool(render)
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from e
+        except Exception as e:  # a template error on this input (e.g. roles it rejects) is the caller's
+            raise APIError(f"messages: the chat template failed: {e}", param="messages") from e
+        if not is_utf8(text):
+            raise APIError("messages: not valid Unicode (a lone surrogate such as \\ud800)", param="messages")
+        return text
 
 
 def state_of(request: Request) -> ServerState:

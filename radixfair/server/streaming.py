@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from radixfair.io_struct import EngineOutput, RequestResult, TokenizedRequest, result_for
+from radixfair.server.errors import APIError, error_body
 from radixfair.server.state import ServerState
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -19,6 +20,15 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def error_event(e: APIError, index: int | None = None) -> bytes:
+    """A request that failed after its stream began (its status line is long sent): an event with
+    OpenAI's error object, and the HTTP status it would have had as `code`."""
+    body = error_body(e.message, e.type, e.param, e.code or e.status)
+    if index is not None:
+        body["index"] = index
+    return sse(body)
 
 
 async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
