@@ -54,6 +54,9 @@ class EngineArgs:
                                "service (in cost units) each client gets per DLPM round, times its weight")
     client_weights: dict[str, float] = flag({}, "per-client shares for vtc and dlpm; unnamed clients weigh 1",
                                             parse=parse_client_weights, metavar="ALICE=2,BOB=1")
+    max_clients: int = flag(PolicyConfig.max_clients,
+                            "clients whose state vtc and dlpm keep; past it idle clients that owe nothing are "
+                            "forgotten, and new ones share one overflow client while none can be")
     disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
     # what one call (one /generate or /v1/* body) may ask for; past a limit it is refused (HTTP 400)
     max_prompts_per_request: int = flag(RequestLimits.max_prompts_per_request, "prompts in one request")
@@ -79,7 +82,7 @@ class EngineArgs:
         return cls(**kwargs)
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights))
+        return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights), self.max_clients)
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_prompts_per_request, self.max_sequences_per_request,

@@ -117,6 +117,7 @@ class Scheduler:
         if req.rid in self._by_rid:
             raise ValueError(f"duplicate request id {req.rid!r}")
         req.status = ReqStatus.WAITING
+        req.client_id = self.policy.client_for(req.client_id)
         self._by_rid[req.rid] = req
         self.waiting.append(req)
         self.policy.on_arrival(req)
@@ -407,7 +408,7 @@ class Scheduler:
                 self._release(req)
                 self._dropped.append(req)
                 return
-            victim = max(self.running, key=lambda r: (r.arrival_time, r.arrival_seq))
+            victim = self.policy.retract_victim(self.running)
             self.running.remove(victim)
             self._retract(victim)
             need -= 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from radixfair.sampling_params import is_utf8
 
@@ -24,6 +24,12 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+
+# Token ids are checked by the engine (type and range, after the request's size limits): validating
+# a body of a million one-token prompts element by element here would cost seconds of event loop.
+# The schema still says what they are.
+TokenIds = Annotated[list[Any], WithJsonSchema(TypeAdapter(list[int] | list[list[int]]).json_schema())]
+Prompt = Annotated[list[Any], WithJsonSchema(TypeAdapter(list[str] | list[int] | list[list[int]]).json_schema())]
 
 
 class _Body(BaseModel):
@@ -62,7 +68,7 @@ class GenerateRequest(_Body):
     """`POST /generate` (SGLang's native API)."""
 
     text: Text | list[Text] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: TokenIds | None = None
     sampling_params: SamplingParamsBody | list[SamplingParamsBody] | None = None
     stream: bool = False
     return_logprob: bool = False
@@ -113,7 +119,7 @@ class _OpenAISampling(_Body):
 class CompletionRequest(_OpenAISampling):
     """`POST /v1/completions`."""
 
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: Text | Prompt
     max_tokens: int | None = 16  # OpenAI's default for legacy completions
     logprobs: int | None = None  # top-N per position (0: just the chosen token's)
     echo: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 # document gets to use it within the same round. README, "The quantum", derives it from
 # `radixfair bench sim --scenario quantum-sweep`.
 DEFAULT_DLPM_QUANTUM = 4096
+# Per-client state a fair policy keeps; past it, idle clients that owe nothing are forgotten, and new
+# clients share one overflow client while every slot holds a client that is busy or owes service.
+DEFAULT_MAX_CLIENTS = 10000
+OVERFLOW_CLIENT = "_overflow"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class PolicyConfig:
     dlpm_quantum: float = DEFAULT_DLPM_QUANTUM
     # client id -> weight (share of service); absent clients use their requests' `weight` (1.0)
     client_weights: Mapping[str, float] = field(default_factory=dict)
+    max_clients: int = DEFAULT_MAX_CLIENTS
 
     def __post_init__(self) -> None:
         for name in ("w_in", "w_out"):
@@ -38,6 +43,8 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.w_in == 0 and self.w_out == 0:
             raise ValueError("w_in and w_out are both 0: no service would ever be charged")
+        if not isinstance(self.max_clients, int) or self.max_clients < 1:
+            raise ValueError(f"max_clients must be an integer >= 1, got {self.max_clients!r}")
         if not (math.isfinite(self.dlpm_quantum) and self.dlpm_quantum > 0):
             raise ValueError(f"dlpm_quantum must be a finite number > 0, got {self.dlpm_quantum!r}")
         for client, w in self.client_weights.items():
@@ -72,6 +79,16 @@ class SchedulePolicy(ABC):
 
     def on_arrival(self, req: Req) -> None:  # noqa: B027 - optional hook
         """A request joined the waiting queue (new, or retracted and re-queued)."""
+
+    def client_for(self, client_id: str) -> str:
+        """The client a new request is scheduled as, asked before its `on_arrival`: itself, unless the
+        policy's per-client state is full (`PolicyConfig.max_clients`), when it may be another."""
+        return client_id
+
+    def retract_victim(self, running: Sequence[Req]) -> Req:
+        """The running request to send back to the queue when the KV pool runs out: by default the
+        newest. A fair policy picks from the client furthest over its share."""
+        return newest(running)
 
     @abstractmethod
     def order(self, waiting: Sequence[Req]) -> Iterable[Req]:
@@ -109,3 +126,14 @@ class SchedulePolicy(ABC):
 
     def on_finish(self, req: Req) -> None:  # noqa: B027
         """`req` left the system (finished or aborted)."""
+
+
+def newest(reqs: Iterable[Req]) -> Req:
+    return max(reqs, key=lambda r: (r.arrival_time, r.arrival_seq))
+
+
+def newest_of_most_served(running: Sequence[Req], over: Callable[[str], float]) -> Req:
+    """The newest request of the client with the largest `over(client)` (how far it is over its
+    share) among the clients with running requests."""
+    worst = max({r.client_id for r in running}, key=over)
+    return newest(r for r in running if r.client_id == worst)

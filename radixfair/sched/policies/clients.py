@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from radixfair.sched.policies.base import OVERFLOW_CLIENT
 
 if TYPE_CHECKING:
     from radixfair.sched.request import Req
@@ -59,3 +62,26 @@ class ClientBook:
     def backlogged(self) -> list[str]:
         """Clients with at least one waiting request."""
         return list(self.waiting)
+
+
+class ClientLimit:
+    """Bounds a policy's per-client state at `max_clients`. A new client past the bound makes the
+    policy forget what it can (`prune`: idle clients whose state carries nothing owed); if that
+    frees nothing, new clients share `OVERFLOW_CLIENT` (and the next `max_clients // 8` new ones go
+    there without another scan, so a full table of debtors costs no scan per request)."""
+
+    def __init__(self, max_clients: int) -> None:
+        self.max_clients = max_clients
+        self._skip = 0
+        self.overflowed = 0  # requests scheduled as the overflow client
+
+    def resolve(self, client: str, known: bool, size: int, prune: Callable[[], int]) -> str:
+        if known or size < self.max_clients:
+            return client
+        if self._skip == 0:
+            if size - prune() < self.max_clients:
+                return client
+            self._skip = max(1, self.max_clients // 8)
+        self._skip -= 1
+        self.overflowed += 1
+        return OVERFLOW_CLIENT

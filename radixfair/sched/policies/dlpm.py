@@ -20,8 +20,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from radixfair.sched.policies.base import PolicyConfig
-from radixfair.sched.policies.clients import ClientBook
+from radixfair.sched.policies.base import PolicyConfig, newest_of_most_served
+from radixfair.sched.policies.clients import ClientBook, ClientLimit
 from radixfair.sched.policies.lpm import PrefixAwarePolicy
 
 if TYPE_CHECKING:
@@ -37,9 +37,26 @@ class DLPMPolicy(PrefixAwarePolicy):
         self.weights: dict[str, float] = {}
         self.book = ClientBook()
         self.rounds = 0  # deficit rounds started so far
+        self.limit = ClientLimit(self.config.max_clients)
 
     def quantum(self, client: str) -> float:
         return self.config.dlpm_quantum * self.weights.get(client, 1.0)
+
+    def client_for(self, client_id: str) -> str:
+        return self.limit.resolve(client_id, client_id in self.deficits, len(self.deficits), self._prune)
+
+    def _prune(self) -> int:
+        """Forget idle clients at d = 0: one returning starts at 0 anyway. A debt (d < 0) is kept,
+        so forgetting never forgives it; an idle client never holds credit (the idle rule)."""
+        gone = [u for u, d in self.deficits.items() if d >= 0 and u not in self.book.active]
+        for u in gone:
+            del self.deficits[u]
+            self.weights.pop(u, None)
+        return len(gone)
+
+    def retract_victim(self, running: Sequence[Req]) -> Req:
+        # furthest over its share: the lowest deficit per unit of quantum
+        return newest_of_most_served(running, lambda u: -self.deficits.get(u, 0.0) / self.quantum(u))
 
     def on_arrival(self, req: Req) -> None:
         u = req.client_id

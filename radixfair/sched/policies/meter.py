@@ -32,6 +32,12 @@ class MeteredPolicy(SchedulePolicy):
     def on_arrival(self, req: Req) -> None:
         self.inner.on_arrival(req)
 
+    def client_for(self, client_id: str) -> str:
+        return self.inner.client_for(client_id)
+
+    def retract_victim(self, running: Sequence[Req]) -> Req:
+        return self.inner.retract_victim(running)
+
     def order(self, waiting: Sequence[Req]) -> Iterable[Req]:
         return self.inner.order(waiting)
 

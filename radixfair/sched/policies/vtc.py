@@ -17,8 +17,8 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from radixfair.sched.policies.base import PolicyConfig, SchedulePolicy
-from radixfair.sched.policies.clients import ClientBook
+from radixfair.sched.policies.base import PolicyConfig, SchedulePolicy, newest_of_most_served
+from radixfair.sched.policies.clients import ClientBook, ClientLimit
 
 if TYPE_CHECKING:
     from radixfair.sched.request import Req
@@ -55,13 +55,45 @@ class VTCPolicy(SchedulePolicy):
         self._keys: dict[Req, _Key] = {}
         self._uids = itertools.count()
         self._last_left: str | None = None
+        self._last_left_counter = 0.0  # its counter, once it is forgotten
+        self.limit = ClientLimit(self.config.max_clients)
+
+    def _floor(self) -> float | None:
+        """Where a client rejoining now is lifted to: the smallest counter among clients with waiting
+        requests, else the last departed client's counter (None before anyone left)."""
+        waiting = [self.counters[v] for v in self.book.waiting]
+        if waiting:
+            return min(waiting)
+        if self._last_left is None:
+            return None
+        return self.counters.get(self._last_left, self._last_left_counter)
+
+    def client_for(self, client_id: str) -> str:
+        return self.limit.resolve(client_id, client_id in self.counters, len(self.counters), self._prune)
+
+    def _prune(self) -> int:
+        """Forget idle clients at or below the floor: one returning is lifted to the floor, which
+        never falls, so it rejoins where it would have anyway. A counter above the floor is kept, so
+        forgetting never forgives service received."""
+        floor = self._floor()
+        floor = 0.0 if floor is None else floor
+        gone = [u for u, c in self.counters.items() if c <= floor and u not in self.book.active]
+        for u in gone:
+            if u == self._last_left:
+                self._last_left_counter = self.counters[u]
+            del self.counters[u]
+            self._fifos.pop(u, None)
+        return len(gone)
+
+    def retract_victim(self, running: Sequence[Req]) -> Req:
+        return newest_of_most_served(running, lambda u: self.counters.get(u, 0.0))
 
     def on_arrival(self, req: Req) -> None:
         u = req.client_id
         if self.book.arrive(req):
             floors = [self.counters.get(v, 0.0) for v in self.book.waiting if v != u]
             if not floors and self._last_left is not None:
-                floors = [self.counters.get(self._last_left, 0.0)]
+                floors = [self.counters.get(self._last_left, self._last_left_counter)]
             if floors:
                 self.counters[u] = max(self.counters.get(u, 0.0), min(floors))
         self.counters.setdefault(u, 0.0)
