@@ -69,3 +69,31 @@ def test_engine_kwargs_from_info(live: tuple[Engine, LiveServer]) -> None:
     assert kw["schedule_policy"] == engine.args.schedule_policy
     assert kw["chunked_prefill_size"] == engine.args.chunked_prefill_size
     assert info["vocab_size"] == engine.model_config.vocab_size
+
+
+def test_serve_bench_abusive_clients(live: tuple[Engine, LiveServer], tmp_path: Path) -> None:
+    """Every hostile kind once (duration 5 s, one request per second): the refused ones are 4xx, nothing
+    is a 5xx or unanswered, and no KV slot leaks."""
+    engine, srv = live
+    out = tmp_path / "abuse.json"
+    ns = argparse.Namespace(url=srv.url, clients=2, duration=5.0, max_new_tokens=4, seed=0, no_inprocess=False,
+                            json=str(out), abusive=1, admin_key=None)
+    assert serve_bench.main(ns) == 0
+    res = json.loads(out.read_text())
+    for k in ("abusive_requests", "abusive_refused", "server_errors", "e2e_p99", "e2e_p99_no_abuse", "leaked_slots"):
+        assert k in res, k
+    assert res["abusive_requests"] == 5 and set(res["abusive_sent"]) == set(serve_bench_abuse_kinds())
+    statuses = res["abusive_statuses"]
+    assert statuses.get("batch_5000 400") == 1 and statuses.get("seed_2_64 400") == 1
+    assert statuses.get("stop_token_ids_200k 400") == 1 and statuses.get("dropped_2000 dropped") == 1
+    assert res["abusive_refused"] >= 3
+    assert res["server_errors"] == 0, res["server_error_samples"]
+    assert res["leaked_slots"] == 0 and res["e2e_p99"] > 0 and res["e2e_p99_no_abuse"] > 0
+    engine.wait_idle(timeout=20)
+    assert engine.check_invariant()[2] == 0
+
+
+def serve_bench_abuse_kinds() -> tuple[str, ...]:
+    from radixfair.bench.abuse import HOSTILE_KINDS
+
+    return HOSTILE_KINDS

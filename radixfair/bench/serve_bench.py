@@ -81,9 +81,10 @@ def make_prompt(rng: np.random.Generator, vocab_size: int) -> list[int]:
 
 
 async def run_phase(streams: list[Stream], duration: float, max_new_tokens: int, vocab_size: int,
-                    seed: int) -> PhaseResult:
+                    seed: int, on_error: Callable[[str], None] | None = None) -> PhaseResult:
     """One closed loop per stream (client) for `duration` seconds; requests in flight at the end are
-    finished (each is bounded by `max_new_tokens`) and counted."""
+    finished (each is bounded by `max_new_tokens`) and counted. With `on_error`, a request that fails
+    is reported there (and not counted) instead of ending the run."""
     # warm up outside the measurement (first-call costs: kernels, allocator, connections)
     await _one(streams[0], make_prompt(np.random.default_rng([seed, 1 << 20]), vocab_size), max_new_tokens, None)
     stats = [ClientStats(f"c{k}") for k in range(len(streams))]
@@ -93,7 +94,13 @@ async def run_phase(streams: list[Stream], duration: float, max_new_tokens: int,
     async def loop(k: int) -> None:
         rng = np.random.default_rng([seed, k])  # the same prompt sequence in both phases
         while time.perf_counter() < deadline:
-            await _one(streams[k], make_prompt(rng, vocab_size), max_new_tokens, stats[k])
+            try:
+                await _one(streams[k], make_prompt(rng, vocab_size), max_new_tokens, stats[k])
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(f"{stats[k].client}: {e}")
+                await asyncio.sleep(0.1)
 
     await asyncio.gather(*(loop(k) for k in range(len(streams))))
     return PhaseResult(stats, time.perf_counter() - t0)
@@ -126,11 +133,12 @@ async def _one(stream: Stream, prompt: list[int], max_new_tokens: int, st: Clien
     st.e2e.append(end - start)
 
 
-def http_stream(http: httpx.AsyncClient, client: str) -> Stream:
+def http_stream(http: httpx.AsyncClient, client: str, headers: dict[str, str] | None = None) -> Stream:
     async def stream(prompt: list[int], max_new_tokens: int) -> AsyncIterator[int]:
         body = {"input_ids": prompt, "stream": True,
                 "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}}
-        async with http.stream("POST", "/generate", json=body, headers={"X-Client-Id": client}) as r:
+        async with http.stream("POST", "/generate", json=body,
+                               headers={**(headers or {}), "X-Client-Id": client}) as r:
             if r.status_code != 200:
                 await r.aread()
                 raise RuntimeError(f"/generate answered {r.status_code}: {r.text}")
@@ -140,7 +148,10 @@ def http_stream(http: httpx.AsyncClient, client: str) -> Stream:
                 payload = line[len("data: "):]
                 if payload == "[DONE]":
                     return
-                yield int(json.loads(payload)["meta_info"]["completion_tokens"])
+                event = json.loads(payload)
+                if "error" in event:
+                    raise RuntimeError(f"the stream failed: {event['error']}")
+                yield int(event["meta_info"]["completion_tokens"])
 
     return stream
 
@@ -212,8 +223,71 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.1f}"
 
 
+def _admin_headers(ns: argparse.Namespace) -> dict[str, str]:
+    key = getattr(ns, "admin_key", None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def _abuse_run(url: str, ns: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    from radixfair.bench.abuse import leaked_slots, run_with_abuse
+
+    headers = _admin_headers(ns)
+    n = ns.clients + 4 * ns.abusive + 4
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
+        r = await http.get("/get_server_info", headers=headers)
+        r.raise_for_status()
+        info: dict[str, Any] = r.json()
+        vocab = int(info["vocab_size"])
+        await http.post("/flush_cache", headers=headers)
+        normal_errors: list[str] = []
+
+        async def phase() -> PhaseResult:
+            streams = [http_stream(http, f"c{k}") for k in range(ns.clients)]
+            return await run_phase(streams, ns.duration, ns.max_new_tokens, vocab, ns.seed, normal_errors.append)
+
+        print(f"normal clients alone: {ns.clients} clients for {ns.duration:g}s ...", flush=True)
+        alone = await phase()
+        before = await leaked_slots(http, headers)
+        print(f"beside {ns.abusive} abusive clients ...", flush=True)
+        abused, tally = await run_with_abuse(phase, http, ns.abusive, ns.duration, vocab, ns.max_new_tokens, ns.seed)
+        leaked = await leaked_slots(http, headers)
+    for e in normal_errors:
+        tally.server_error(f"normal client: {e}")
+
+    def p99(res: PhaseResult) -> float | None:
+        return _pct([x for c in res.clients for x in c.e2e], 99)
+
+    e2e, base = p99(abused), p99(alone)
+    return {"url": url, "model_path": info["model_path"], "clients_n": ns.clients, "abusive_n": ns.abusive,
+            "duration": ns.duration, "max_new_tokens": ns.max_new_tokens,
+            "abusive_requests": sum(tally.sent.values()), "abusive_refused": tally.refused,
+            "server_errors": tally.server_errors, "e2e_p99": e2e, "e2e_p99_no_abuse": base,
+            "e2e_p99_ratio": e2e / base if e2e is not None and base else None,
+            "leaked_slots": leaked, "leaked_slots_before_abuse": before,
+            "normal_requests": abused.requests, "normal_requests_no_abuse": alone.requests,
+            "normal_req_s": abused.req_s, "normal_req_s_no_abuse": alone.req_s,
+            "abusive_sent": dict(tally.sent), "abusive_statuses": dict(sorted(tally.statuses.items())),
+            "server_error_samples": tally.errors}
+
+
+def print_abuse_report(res: dict[str, Any]) -> None:
+    rows = [[k, str(res[k]) if not isinstance(res[k], float) else f"{res[k]:.3f}"]
+            for k in ("abusive_requests", "abusive_refused", "server_errors", "e2e_p99", "e2e_p99_no_abuse",
+                      "e2e_p99_ratio", "leaked_slots", "normal_requests", "normal_requests_no_abuse")
+            if res[k] is not None]
+    print_table(["figure", "value"], rows, title=f"bench serve --abusive {res['abusive_n']}: {res['clients_n']} "
+                                                 f"normal clients, {res['duration']:g}s", width=120)
+    print_table(["hostile request, answer", "count"], [[k, str(v)] for k, v in res["abusive_statuses"].items()],
+                width=120)
+
+
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     url = ns.url.rstrip("/")
+    if getattr(ns, "abusive", 0):
+        return asyncio.run(_abuse_run(url, ns))
     print(f"http: {ns.clients} clients for {ns.duration:g}s against {url} ...", flush=True)
     info, http_res = asyncio.run(_http_phase(url, ns))
     inproc: PhaseResult | None = None
@@ -258,8 +332,13 @@ def print_report(res: dict[str, Any]) -> None:
 def main(ns: argparse.Namespace) -> int:
     if ns.clients < 1 or ns.duration <= 0 or ns.max_new_tokens < 1:
         raise ValueError("--clients and --max-new-tokens must be >= 1 and --duration > 0")
+    if getattr(ns, "abusive", 0) < 0:
+        raise ValueError("--abusive must be >= 0")
     res = run(ns)
-    print_report(res)
+    if getattr(ns, "abusive", 0):
+        print_abuse_report(res)
+    else:
+        print_report(res)
     write_json(ns.json, res)
     return 0
 
@@ -272,6 +351,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process comparison")
+    p.add_argument("--abusive", type=int, default=0, metavar="N",
+                   help="instead of the in-process comparison: run the clients alone, then beside N abusive "
+                        "clients (one hostile request per second each) and report the p99 ratio and failures")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="operator key of the server (--admin-api-key), to flush its cache and read its KV state")
     p.add_argument("--json", default=None)
     p.set_defaults(func=main)
 
