@@ -131,3 +131,26 @@ def test_state_stays_bounded_under_a_sybil_flood() -> None:
         assert sum(trace.finished.values()) == 1000
         table = s.policy.deficits if name == "dlpm" else s.policy.counters  # type: ignore[attr-defined]
         assert len(table) <= 51, (name, len(table))
+
+
+@pytest.mark.parametrize("policy", ["dlpm", "vtc"])
+def test_a_client_gets_its_share_of_the_batch_rows_while_others_are_active(policy: str) -> None:
+    """One client's 40 requests (an `n: 40`) cannot take every row of the running batch while another
+    client has requests; alone, it may."""
+    rng = np.random.default_rng(5)
+    config = SchedulerConfig(max_total_tokens=8192, max_running_requests=8)
+    s = Scheduler(config, make_policy(policy), allocator=TrackingAllocator(config.max_total_tokens))
+    hog = [client_req("hog", tokens(rng, 8), 30, f"hog{i}") for i in range(40)]
+    meek = [client_req("meek", tokens(rng, 8), 30, f"meek{i}") for i in range(3)]
+    most: dict[str, int] = {"together": 0, "alone": 0}
+
+    def observe(sched: Scheduler, step: int) -> None:
+        rows = sum(r.client_id == "hog" for r in sched.running)
+        meek_live = any(not r.finished for r in meek)
+        key = "together" if meek_live else "alone"
+        most[key] = max(most[key], rows)
+
+    trace = drive(s, {0: hog[:20] + meek, 1: hog[20:]}, observe=observe)
+    check_complete(trace)
+    assert most["together"] <= 4, most  # 8 rows, two clients of weight 1
+    assert most["alone"] == 8, most  # work-conserving once the other client is gone

@@ -36,7 +36,8 @@ class AbuseTally:
     sent: Counter[str] = field(default_factory=Counter)  # kind -> requests
     statuses: Counter[str] = field(default_factory=Counter)  # "kind status" -> responses
     refused: int = 0  # 4xx
-    server_errors: int = 0  # >= 500, or no answer
+    server_errors: int = 0  # >= 500, or no answer (a connection error)
+    abandoned: int = 0  # still waiting for an answer when the run ended: the client left
     errors: list[str] = field(default_factory=list)  # the first few server errors, for the report
 
     def server_error(self, what: str) -> None:
@@ -80,14 +81,18 @@ async def abusive_client(http: httpx.AsyncClient, client: str, index: int, stop_
         tally.sent[kind] += 1
 
         async def send(kind: str = kind, body: dict[str, Any] = body) -> None:
-            timeout = httpx.Timeout(120.0, connect=10.0, read=DROP_AFTER_S if kind == "dropped_2000" else 120.0)
+            timeout = httpx.Timeout(600.0, connect=10.0, read=DROP_AFTER_S if kind == "dropped_2000" else 600.0)
             try:
                 r = await http.post("/generate", json=body, headers={"X-Client-Id": client}, timeout=timeout)
             except httpx.ReadTimeout:
                 if kind != "dropped_2000":
-                    tally.server_error(f"{kind}: no answer")
+                    tally.server_error(f"{kind}: no answer in 600 s")
                 tally.statuses[f"{kind} dropped" if kind == "dropped_2000" else f"{kind} timeout"] += 1
                 return
+            except asyncio.CancelledError:
+                tally.abandoned += 1  # the run ended first
+                tally.statuses[f"{kind} abandoned"] += 1
+                raise
             except httpx.HTTPError as e:
                 tally.server_error(f"{kind}: {type(e).__name__}")
                 return
@@ -102,18 +107,23 @@ async def abusive_client(http: httpx.AsyncClient, client: str, index: int, stop_
         task.add_done_callback(pending.discard)
         next_at += 1.0
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-    if pending:
-        await asyncio.gather(*pending)
+    # the abusive client leaves with the run: what the server is still working on for it (a fair
+    # policy serves it slowly) is abandoned, as a client that disconnects, and the server must free it
+    for task in list(pending):
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def run_with_abuse(normal: Callable[[], Awaitable[Any]], http: httpx.AsyncClient, n_abusive: int,
                          duration: float, vocab_size: int, max_new_tokens: int, seed: int) -> tuple[Any, AbuseTally]:
-    """`normal()` (the closed-loop phase) beside `n_abusive` abusive clients for `duration` seconds."""
+    """`normal()` (the closed-loop phase) beside `n_abusive` abusive clients, which send for `duration`
+    seconds and leave when the normal clients are done."""
     tally = AbuseTally()
     stop_at = time.perf_counter() + duration
-    abusers = [abusive_client(http, f"abuser{k}", k, stop_at, vocab_size, max_new_tokens, tally, seed)
-               for k in range(n_abusive)]
-    result, *_ = await asyncio.gather(normal(), *abusers)
+    abusers = [asyncio.create_task(abusive_client(http, f"abuser{k}", k, stop_at, vocab_size, max_new_tokens,
+                                                  tally, seed)) for k in range(n_abusive)]
+    result = await normal()
+    await asyncio.gather(*abusers)
     return result, tally
 
 

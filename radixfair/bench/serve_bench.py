@@ -264,6 +264,7 @@ async def _abuse_run(url: str, ns: argparse.Namespace) -> dict[str, Any]:
     return {"url": url, "model_path": info["model_path"], "clients_n": ns.clients, "abusive_n": ns.abusive,
             "duration": ns.duration, "max_new_tokens": ns.max_new_tokens,
             "abusive_requests": sum(tally.sent.values()), "abusive_refused": tally.refused,
+            "abusive_abandoned": tally.abandoned,
             "server_errors": tally.server_errors, "e2e_p99": e2e, "e2e_p99_no_abuse": base,
             "e2e_p99_ratio": e2e / base if e2e is not None and base else None,
             "leaked_slots": leaked, "leaked_slots_before_abuse": before,
@@ -275,7 +276,8 @@ async def _abuse_run(url: str, ns: argparse.Namespace) -> dict[str, Any]:
 
 def print_abuse_report(res: dict[str, Any]) -> None:
     rows = [[k, str(res[k]) if not isinstance(res[k], float) else f"{res[k]:.3f}"]
-            for k in ("abusive_requests", "abusive_refused", "server_errors", "e2e_p99", "e2e_p99_no_abuse",
+            for k in ("abusive_requests", "abusive_refused", "abusive_abandoned", "server_errors", "e2e_p99",
+                      "e2e_p99_no_abuse",
                       "e2e_p99_ratio", "leaked_slots", "normal_requests", "normal_requests_no_abuse")
             if res[k] is not None]
     print_table(["figure", "value"], rows, title=f"bench serve --abusive {res['abusive_n']}: {res['clients_n']} "

@@ -85,6 +85,7 @@ class Scheduler:
         self.kv = KVManager(config.max_total_tokens, config.max_running_requests + 1,
                             cache_enabled=not config.disable_radix_cache, allocator=allocator)
         policy.bind(self.kv.tree)
+        policy.set_batch_slots(config.max_running_requests)
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None

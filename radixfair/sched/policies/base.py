@@ -100,6 +100,10 @@ class SchedulePolicy(ABC):
         """The radix tree that prefix-aware policies match against; called by the scheduler when it
         starts, and again if its tree is ever replaced."""
 
+    def set_batch_slots(self, max_running_requests: int) -> None:  # noqa: B027
+        """How many requests the running batch holds; called by the scheduler when it starts (the
+        fair policies give each client a weighted share of those rows)."""
+
     def may_admit(self, req: Req) -> bool:
         return True
 

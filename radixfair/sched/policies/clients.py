@@ -14,11 +14,17 @@ if TYPE_CHECKING:
 
 
 class ClientBook:
-    def __init__(self) -> None:
+    def __init__(self, weight: Callable[[Req], float] = lambda r: 1.0) -> None:
         self._waiting_reqs: dict[Req, bool] = {}  # every live request -> is it waiting?
         self.waiting: Counter[str] = Counter()  # client -> waiting requests
         self.active: Counter[str] = Counter()  # client -> waiting + admitted requests
         self.total_waiting = 0
+        self._weight = weight
+        self._active_weight: dict[str, float] = {}  # active client -> its weight when it became active
+        self.active_weight = 0.0  # their sum
+        # admitted in the batch being formed, still counted as waiting until the batch is dequeued
+        self._admitting: set[Req] = set()
+        self.admitting: Counter[str] = Counter()
 
     def arrive(self, req: Req) -> bool:
         """Record an arrival (new, or re-queued after a retraction); True if the client had
@@ -28,19 +34,37 @@ class ClientBook:
         if was_waiting:
             return False
         if was_waiting is None:
+            if self.active[u] == 0:
+                w = self._active_weight[u] = self._weight(req)
+                self.active_weight += w
             self.active[u] += 1
         self._waiting_reqs[req] = True
         self.waiting[u] += 1
         self.total_waiting += 1
         return self.waiting[u] == 1
 
+    def admit(self, req: Req) -> None:
+        """`req` was admitted into the batch being formed (it leaves the queue when the batch does)."""
+        if self._waiting_reqs.get(req) and req not in self._admitting:
+            self._admitting.add(req)
+            self.admitting[req.client_id] += 1
+
+    def _settle(self, req: Req) -> None:
+        if req in self._admitting:
+            self._admitting.discard(req)
+            self.admitting[req.client_id] -= 1
+            if self.admitting[req.client_id] == 0:
+                del self.admitting[req.client_id]
+
     def dequeue(self, req: Req) -> None:
+        self._settle(req)
         if self._waiting_reqs.get(req):
             self._waiting_reqs[req] = False
             self._drop_waiting(req.client_id)
 
     def finish(self, req: Req) -> tuple[bool, bool]:
         """Forget a request; returns (it was waiting, its client is now idle)."""
+        self._settle(req)
         was_waiting = self._waiting_reqs.pop(req, None)
         if was_waiting is None:
             return False, False
@@ -50,6 +74,9 @@ class ClientBook:
         self.active[u] -= 1
         if self.active[u] == 0:
             del self.active[u]
+            self.active_weight -= self._active_weight.pop(u)
+            if not self.active:
+                self.active_weight = 0.0  # no float drift across idle periods
             return was_waiting, True
         return was_waiting, False
 
@@ -62,6 +89,18 @@ class ClientBook:
     def backlogged(self) -> list[str]:
         """Clients with at least one waiting request."""
         return list(self.waiting)
+
+    def within_batch_share(self, client: str, batch_slots: int) -> bool:
+        """Whether `client` may start one more request: it runs fewer than its weighted share of the
+        running batch's `batch_slots`, or it is the only client with requests. Deficits and counters
+        charge decode work only as it happens, so without this a client with credit could fill the
+        whole batch at once (one request with `n: 128`) and every other client's decode steps would
+        slow down, or wait for a free row, until that work drains."""
+        if len(self.active) <= 1:
+            return True
+        running = self.active[client] - self.waiting.get(client, 0) + self.admitting.get(client, 0)
+        share = batch_slots * self._active_weight.get(client, 1.0) / max(self.active_weight, 1e-9)
+        return running < max(1, int(share))
 
 
 class ClientLimit:

@@ -35,7 +35,8 @@ class DLPMPolicy(PrefixAwarePolicy):
         super().__init__(config)
         self.deficits: dict[str, float] = {}
         self.weights: dict[str, float] = {}
-        self.book = ClientBook()
+        self.book = ClientBook(self.config.weight)
+        self.batch_slots = 1 << 30  # until the scheduler says
         self.rounds = 0  # deficit rounds started so far
         self.limit = ClientLimit(self.config.max_clients)
 
@@ -75,8 +76,12 @@ class DLPMPolicy(PrefixAwarePolicy):
         # at its token budget long before the end of a long queue).
         return (r for r in lpm if d[r.client_id] > 0)
 
+    def set_batch_slots(self, max_running_requests: int) -> None:
+        self.batch_slots = max_running_requests
+
     def may_admit(self, req: Req) -> bool:
-        return self.deficits[req.client_id] > 0
+        u = req.client_id
+        return self.deficits[u] > 0 and self.book.within_batch_share(u, self.batch_slots)
 
     def refill(self, waiting: Sequence[Req]) -> bool:
         backlogged = self.book.backlogged()
@@ -96,6 +101,7 @@ class DLPMPolicy(PrefixAwarePolicy):
 
     def on_admit(self, req: Req, extend_len: int, cached_len: int) -> None:
         self.deficits[req.client_id] -= self.config.w_in * extend_len
+        self.book.admit(req)
 
     def on_dequeue(self, req: Req) -> None:
         self.book.dequeue(req)

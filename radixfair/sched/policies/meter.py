@@ -29,6 +29,9 @@ class MeteredPolicy(SchedulePolicy):
     def bind(self, tree: PrefixTree) -> None:
         self.inner.bind(tree)
 
+    def set_batch_slots(self, max_running_requests: int) -> None:
+        self.inner.set_batch_slots(max_running_requests)
+
     def on_arrival(self, req: Req) -> None:
         self.inner.on_arrival(req)
 

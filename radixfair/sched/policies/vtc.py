@@ -50,7 +50,8 @@ class VTCPolicy(SchedulePolicy):
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__(config)
         self.counters: dict[str, float] = {}
-        self.book = ClientBook()
+        self.book = ClientBook(self.config.weight)
+        self.batch_slots = 1 << 30  # until the scheduler says
         self._fifos: dict[str, _Fifo] = {}
         self._keys: dict[Req, _Key] = {}
         self._uids = itertools.count()
@@ -104,6 +105,12 @@ class VTCPolicy(SchedulePolicy):
     def order(self, waiting: Sequence[Req]) -> Iterator[Req]:
         return self._picks()
 
+    def set_batch_slots(self, max_running_requests: int) -> None:
+        self.batch_slots = max_running_requests
+
+    def may_admit(self, req: Req) -> bool:
+        return self.book.within_batch_share(req.client_id, self.batch_slots)
+
     def _picks(self) -> Iterator[Req]:
         """Smallest counter first, re-decided after every pick: the counters move as the batch
         builder admits (on_admit), so this is a generator rather than a sorted list."""
@@ -138,6 +145,7 @@ class VTCPolicy(SchedulePolicy):
 
     def on_admit(self, req: Req, extend_len: int, cached_len: int) -> None:
         self.counters[req.client_id] += self.config.w_in * (extend_len + cached_len) / self.config.weight(req)
+        self.book.admit(req)
 
     def on_decode(self, req: Req, n_tokens: int) -> None:
         self.counters[req.client_id] += self.config.w_out * n_tokens / self.config.weight(req)
