@@ -368,7 +368,10 @@ def test_a_detokenizer_failure_fails_only_that_request(engine: Engine) -> None:
     assert_no_leak(engine)
 
 
-def test_engine_death_answers_everything_503_and_health_says_so(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("fault", ["scheduler", "runner"])
+def test_engine_death_answers_everything_503_and_health_says_so(tiny_llama: Path, fault: str) -> None:
+    """A fault outside the model call kills the engine thread: in the scheduler (schedule), or in the
+    model runner's bookkeeping (forget, when a request finishes)."""
     eng = make_engine(tiny_llama)
     srv = LiveServer(create_app(eng))
     try:
@@ -391,10 +394,15 @@ def test_engine_death_answers_everything_503_and_health_says_so(tiny_llama: Path
                         while eng.get_stats().running < 3:
                             await asyncio.sleep(0.02)
 
-                        def boom() -> Any:
-                            raise RuntimeError("scheduler bug")
+                        def boom(*args: Any) -> Any:
+                            raise RuntimeError(f"{fault} bug")
 
-                        eng.scheduler.schedule = boom  # type: ignore[method-assign]
+                        if fault == "scheduler":
+                            eng.scheduler.schedule = boom  # type: ignore[method-assign]
+                        else:
+                            eng.runner.forget = boom  # type: ignore[method-assign]
+                            short = await ac.post("/generate", json={"text": "d", "sampling_params": {"max_new_tokens": 1}})
+                            assert short.status_code == 503, short.text  # it finished, and the engine died there
 
                     return list(await asyncio.gather(blocking, chat, stream(), kill()))
 
