@@ -71,7 +71,14 @@ class _HeldStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._ticket.release()
+            # a client that left while a chunk was being sent leaves the generator suspended at its
+            # yield; close it now (its `finally` aborts the engine requests), not whenever GC runs
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self._ticket.release()
 
 
 class Admission:
