@@ -331,7 +331,7 @@ def test_one_rows_sampling_failure_fails_only_that_request(server: LiveServer, e
 
     async def both() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            good = c.post("/generate", json={"text": "fine", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}},
+            good = c.post("/generate", json={"text": "fine", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}},
                           headers={"X-Client-Id": "good"})
             bad = c.post("/generate", json={"text": "poison", "sampling_params": {"max_new_tokens": 40, "seed": 666,
                                                                                   "temperature": 1.0}},
@@ -344,7 +344,7 @@ def test_one_rows_sampling_failure_fails_only_that_request(server: LiveServer, e
     monkeypatch.setattr(engine.runner, "run", lambda batch: (batches.append(len(batch.reqs)), orig_run(batch))[1])
     good, bad = asyncio.run(both())
     assert max(batches) == 2, "the two requests never shared a batch: test too weak"
-    assert good.status_code == 200 and good.json()["meta_info"]["completion_tokens"] == 40
+    assert good.status_code == 200 and good.json()["meta_info"]["completion_tokens"] == 400
     err = error_of(bad, 500)
     assert "poisoned" not in bad.text and "sampling" in err["message"]
     assert_no_leak(engine)
