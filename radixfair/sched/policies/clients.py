@@ -90,17 +90,29 @@ class ClientBook:
         """Clients with at least one waiting request."""
         return list(self.waiting)
 
+    def _running(self, client: str) -> int:
+        """Requests of `client` that hold (or are being given) a row of the running batch."""
+        return self.active[client] - self.waiting.get(client, 0) + self.admitting.get(client, 0)
+
+    def _share(self, client: str, batch_slots: int) -> int:
+        return max(1, int(batch_slots * self._active_weight.get(client, 1.0) / max(self.active_weight, 1e-9)))
+
     def within_batch_share(self, client: str, batch_slots: int) -> bool:
-        """Whether `client` may start one more request: it runs fewer than its weighted share of the
-        running batch's `batch_slots`, or it is the only client with requests. Deficits and counters
-        charge decode work only as it happens, so without this a client with credit could fill the
-        whole batch at once (one request with `n: 128`) and every other client's decode steps would
-        slow down, or wait for a free row, until that work drains."""
+        """Whether `client` may start one more request. Deficits and counters charge decode work only
+        as it happens, so without a bound a client with credit could fill the whole batch at once
+        (one request with `n: 128`) and every other client's requests would wait for a free row
+        until that work drains. So each active client is guaranteed its weighted share of the
+        batch's `batch_slots` rows; past its share a client may still take a row, but only one that
+        no client with waiting requests below its own share could claim (the rule stays
+        work-conserving: rows nobody else asks for are never left idle)."""
         if len(self.active) <= 1:
             return True
-        running = self.active[client] - self.waiting.get(client, 0) + self.admitting.get(client, 0)
-        share = batch_slots * self._active_weight.get(client, 1.0) / max(self.active_weight, 1e-9)
-        return running < max(1, int(share))
+        running = self._running(client)
+        if running < self._share(client, batch_slots):
+            return True
+        in_use = len(self._waiting_reqs) - self.total_waiting + len(self._admitting)
+        claimable = sum(max(0, self._share(u, batch_slots) - self._running(u)) for u in self.waiting if u != client)
+        return in_use + claimable < batch_slots
 
 
 class ClientLimit:

@@ -86,16 +86,24 @@ class DLPMPolicy(PrefixAwarePolicy):
     def refill(self, waiting: Sequence[Req]) -> bool:
         backlogged = self.book.backlogged()
         d = self.deficits
-        if not backlogged or any(d[u] > 0 for u in backlogged):
+        share = self.book.within_batch_share
+        if not backlogged or any(d[u] > 0 and share(u, self.batch_slots) for u in backlogged):
             return False  # something else (budget, memory) held the pass back
+        # Every client with waiting requests is out of credit or holds its share of the batch's
+        # rows. A new round goes to those out of credit: one that is only waiting for a row keeps
+        # what it has and earns no more meanwhile (so it banks no credit while it cannot spend it),
+        # and the others must not wait on it.
+        broke = [u for u in backlogged if d[u] <= 0]
+        if not broke:
+            return False
         # k rounds at once, k the fewest that lift some client above 0: rounds in between would
         # admit nothing, so this is the same as refilling one round at a time, just bounded
-        k = min(math.floor(-d[u] / self.quantum(u)) + 1 for u in backlogged)
+        k = min(math.floor(-d[u] / self.quantum(u)) + 1 for u in broke)
         while True:
-            for u in backlogged:
+            for u in broke:
                 d[u] += k * self.quantum(u)
             self.rounds += k
-            if any(d[u] > 0 for u in backlogged):
+            if any(d[u] > 0 for u in broke):
                 return True
             k = 1  # only reachable through float rounding
 
