@@ -23,6 +23,7 @@ from typing import Any
 from radixfair.metrics.fairness import FairnessReport, RequestRecord, ServiceEvent, fairness_report
 from radixfair.metrics.service import charged_service
 from radixfair.router.policies import (
+    PowerOfTwoConfig,
     RouterConfig,
     RouteRequest,
     RouterPolicy,
@@ -97,6 +98,7 @@ class SimResult:
     makespan: float  # virtual time of the last event processed
     arrivals_end: float  # time of the last arrival
     workers: list[dict[str, Any]] = field(default_factory=list)
+    router_decisions: dict[str, int] = field(default_factory=dict)  # the router policy's branch counts
 
     def report(self, window: float, t1: float | None = None) -> FairnessReport:
         """Fairness over [0, t1): by default the arrival period, where an overloaded system keeps
@@ -116,7 +118,10 @@ class Simulator:
         # the engine's classes themselves, never copies: the point is to exercise the real decisions
         self.workers = [SimWorker(i, Scheduler(cfg.scheduler, make_policy(cfg.policy, cfg.policy_config)))
                         for i in range(cfg.num_workers)]
-        self.router: RouterPolicy = make_router_policy(cfg.routing, cfg.router_config)
+        router_config = cfg.router_config
+        if router_config is None and cfg.routing == "power_of_two":
+            router_config = PowerOfTwoConfig(seed=cfg.seed)  # one seed, one result
+        self.router: RouterPolicy = make_router_policy(cfg.routing, router_config)
         self._by_id = {w.worker_id: w for w in self.workers}
         self.now = 0.0
         self._heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
@@ -132,6 +137,9 @@ class Simulator:
         self._placed: list[SimWorker | None] = [None] * len(self.trace)
         self._index_of_route: dict[RouteRequest, int] = {}
         self._touched: list[SimWorker] = []  # workers given requests while handling the current event
+        self._segments: dict[tuple[str, int], list[int]] = {}
+        # only a policy that can hold requests back has any to release after a finish
+        self._holds = type(self.router).next_held is not RouterPolicy.next_held
         self._ran = False
         self._answers: dict[int, list[int]] = {}  # trace index -> its output_group stream
 
@@ -170,7 +178,7 @@ class Simulator:
     def _route(self, i: int) -> None:
         rec = self.trace[i]
         rid = rec.rid or f"r{i}"
-        req = Req(origin_input_ids=rec.input_ids(self.config.vocab_size),
+        req = Req(origin_input_ids=self._input_ids(rec),
                   sampling_params=SamplingParams(max_new_tokens=rec.output_len, ignore_eos=True),
                   rid=rid, client_id=rec.client, arrival_time=self.now)  # virtual: FCFS/VTC order by it
         self._reqs[i] = req
@@ -183,6 +191,19 @@ class Simulator:
         view = self.router.select(route, self._views())
         if view is not None:  # else the router holds it (global_vtc) and hands it out in _release_held
             self._dispatch(i, self._by_id[view.worker_id])
+
+    def _input_ids(self, rec: TraceRecord) -> list[int]:
+        """`rec.input_ids()`, with each named segment expanded once per run: a document's tokens are
+        the same in every question about it."""
+        if rec.prompt is not None or not rec.segments:
+            return rec.input_ids(self.config.vocab_size)
+        out: list[int] = []
+        for seg in rec.segments:
+            toks = self._segments.get(seg)
+            if toks is None:
+                toks = self._segments[seg] = group_tokens(seg[0], seg[1], self.config.vocab_size)
+            out.extend(toks)
+        return out
 
     def _dispatch(self, i: int, w: SimWorker) -> None:
         route, req = self._routed[i], self._reqs[i]
@@ -246,7 +267,8 @@ class Simulator:
         del self._index_of_route[route]
         self.router.on_finish(route, w.view(), Usage(len(req.origin_input_ids), req.cached_tokens,
                                                      len(req.output_ids)))
-        self._release_held()
+        if self._holds:
+            self._release_held()
 
     def _tokens(self, batch: ScheduledBatch) -> list[int]:
         """A token per sampling request: the record's `output_group` stream where it names one (so a
@@ -290,4 +312,5 @@ class Simulator:
                           "retractions": s.retractions})
         return SimResult(config=self.config, cost_model=self.cost_model.name, records=records, rids=rids,
                          events=self._events, finish_counts=dict(self._finish_counts), makespan=self.now,
-                         arrivals_end=self.trace[-1].time if self.trace else 0.0, workers=stats)
+                         arrivals_end=self.trace[-1].time if self.trace else 0.0, workers=stats,
+                         router_decisions=dict(self.router.decisions))

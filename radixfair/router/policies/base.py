@@ -14,6 +14,7 @@ passes it in every call as `WorkerView`s.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -93,6 +94,8 @@ class RouterPolicy(ABC):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{self.name} takes a {self.config_class.__name__}, got {type(config).__name__}")
         self.config: Any = config
+        # how many decisions took each branch of the policy (the router's metrics show them)
+        self.decisions: Counter[str] = Counter()
 
     @abstractmethod
     def select(self, request: RouteRequest, workers: Sequence[WorkerView]) -> WorkerView | None:

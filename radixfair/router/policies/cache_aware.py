@@ -5,8 +5,12 @@ each request: if the load is imbalanced (the busiest worker has more than `balan
 requests in flight above the least busy and more than `balance_rel_threshold` times as many), send
 it to the least loaded worker; else, if the best prefix match covers more than `cache_threshold` of
 the prompt, to the worker holding it; else to the worker whose tree is smallest (the one that has
-been sent the least). Either way the prompt is recorded under the chosen worker. Ties, which
-sgl-router leaves to hash-map order, go to the least loaded worker, then the first listed.
+been sent the least). Either way the prompt is recorded under the chosen worker. Where several
+workers hold the best match (or have equally small trees) sgl-router takes the first tenant in its
+node's hash map, whatever their loads; here the first one listed, which is as load-blind and, unlike
+hash order, reproducible.
+
+`decisions` counts the branches taken: "imbalance", "cache", "smallest_tree".
 
 Its known failure, which `d2lpm` is built to avoid: a hot client's requests all match the worker
 holding its prefix, so they pile onto it until the imbalance test fires, and the clients that share
@@ -15,7 +19,6 @@ that worker wait behind them.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +40,6 @@ class CacheAwarePolicy(RouterPolicy):
         super().__init__(config)
         cfg = self.config
         self.index = WorkerPrefixIndex(cfg.max_tree_size, cfg.eviction_interval_secs)
-        self.decisions: Counter[str] = Counter()  # "imbalance" | "cache" | "smallest_tree"
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerView]) -> WorkerView:
         cfg = self.config
@@ -51,9 +53,9 @@ class CacheAwarePolicy(RouterPolicy):
         best = max(matched.values())
         if request.input_ids and best / len(request.input_ids) > cfg.cache_threshold:
             self.decisions["cache"] += 1
-            return least_loaded([w for w in hs if matched[w.worker_id] == best])
+            return next(w for w in hs if matched[w.worker_id] == best)
         self.decisions["smallest_tree"] += 1
-        return min(hs, key=lambda w: (self.index.size(w.worker_id), w.load))
+        return min(hs, key=lambda w: self.index.size(w.worker_id))
 
     def on_dispatch(self, request: RouteRequest, worker: WorkerView) -> None:
         self.index.insert(worker.worker_id, request.input_ids, request.time)

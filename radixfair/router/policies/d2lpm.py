@@ -21,6 +21,10 @@ little traffic keeps finding its prefix where it left it: with nothing in flight
 (D = min(D, 0), the idle rule of `dlpm`), so its next request starts a fresh round with every
 worker open to it.
 
+`decisions` counts the branches taken: "locality" (followed a useful cached prefix), "load" (no
+prefix was useful), "spill" (the best prefix is on a worker where the client has spent its
+quantum), "guard" (the imbalance guard overrode the choice).
+
 State per client: a deficit per worker while the client has requests in flight or owes (a negative
 deficit); a client that is idle and owes nothing is forgotten, so memory follows the active clients,
 and past `max_clients` owing clients a new one is refused rather than a debt forgiven.
@@ -53,7 +57,12 @@ from radixfair.router.policies.config import (
 )
 from radixfair.router.policies.worker_index import WorkerPrefixIndex
 
-DEFAULT_ROUTER_QUANTUM = 16384
+# A spill moves a client's working set of prefixes (its documents, templates, problems: 1-6k tokens
+# each in the design's workloads) to another worker, which re-prefills them; the quantum is large
+# against that, so a spill costs a small fraction of the work it moves. In `bench sim --scenario
+# dist-s1/dist-s2` at 8 workers, 65,536 against 16,384 kept or lowered the well-behaved clients' p99
+# on every workload (README, "Across workers").
+DEFAULT_ROUTER_QUANTUM = 65536
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,6 @@ class D2LPMPolicy(RouterPolicy):
         self.index = WorkerPrefixIndex(cfg.max_tree_size, cfg.eviction_interval_secs)
         self.deficits: dict[str, dict[str, float]] = {}  # client -> worker -> D[u][w]
         self.rounds = 0  # refills, over all clients
-        # "locality" (followed a cached prefix), "load" (none was useful), "spill" (the best prefix
-        # is on a worker where the client spent its quantum), "guard" (the imbalance guard overrode)
-        self.decisions: Counter[str] = Counter()
         self._active: Counter[str] = Counter()  # client -> requests in flight
         self._inflight: dict[RouteRequest, tuple[str, float]] = {}  # -> (worker, estimated cost)
         self._matched: tuple[RouteRequest | None, dict[str, int]] = (None, {})  # select's matches, for on_dispatch

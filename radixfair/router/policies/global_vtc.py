@@ -64,8 +64,10 @@ class GlobalVTCPolicy(RouterPolicy):
         self._arrive(u)
         room = [w for w in hs if w.requests < self.config.max_worker_requests]
         if room and not self._held:
+            self.decisions["direct"] += 1
             return least_loaded(room)
         # hold: the counters decide who goes when a place frees up
+        self.decisions["held"] += 1
         self._held.setdefault(u, deque()).append((next(self._seq), request))
         return None
 
