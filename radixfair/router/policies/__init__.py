@@ -1,6 +1,10 @@
 """Routing policies: which worker serves a request. Plain objects (no HTTP, no torch) shared by the
 HTTP router and the multi-worker simulator; see `base.py` for the calls a router makes."""
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 from radixfair.router.policies.base import (
     ClientLimitError,
     NoHealthyWorkerError,
@@ -50,6 +54,14 @@ def make_router_policy(name: str, config: RouterConfig | None = None) -> RouterP
     return ROUTER_POLICIES[canonical_name(name)](config)
 
 
+def router_config(name: str, values: Mapping[str, Any]) -> RouterConfig:
+    """Router policy `name`'s config from a flat mapping of settings, such as the parsed flags of
+    every policy's config: the settings it does not have are left out."""
+    cls = ROUTER_POLICIES[canonical_name(name)].config_class
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
 __all__ = [
     "DEFAULT_ROUTER_POLICY",
     "ROUTER_POLICIES",
@@ -75,5 +87,6 @@ __all__ = [
     "WorkerView",
     "canonical_name",
     "make_router_policy",
+    "router_config",
     "worker_policy",
 ]

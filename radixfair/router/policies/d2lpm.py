@@ -59,9 +59,8 @@ from radixfair.router.policies.worker_index import WorkerPrefixIndex
 
 # A spill moves a client's working set of prefixes (its documents, templates, problems: 1-6k tokens
 # each in the design's workloads) to another worker, which re-prefills them; the quantum is large
-# against that, so a spill costs a small fraction of the work it moves. In `bench sim --scenario
-# dist-s1/dist-s2` at 8 workers, 65,536 against 16,384 kept or lowered the well-behaved clients' p99
-# on every workload (README, "Across workers").
+# against that, so a spill costs a small fraction of the work it moves (README, "Across workers",
+# compares it with a quarter of it).
 DEFAULT_ROUTER_QUANTUM = 65536
 
 
