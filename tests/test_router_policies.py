@@ -221,6 +221,9 @@ def test_d2lpm_bounds_client_state_without_forgiving_debts() -> None:
         pol.select(req("d"), views(0, 0))
     pol.remove_worker("w0")
     assert "w0" not in pol.deficits["a"] and pol.index.size("w0") == 0
+    # a worker that joins mid-round opens to a client at its next round
+    rc2 = req("c")
+    assert _route(pol, rc2, views(0, 0, 0)[1:]) == "w1"
 
 
 # ---- global_vtc -----------------------------------------------------------------------------------

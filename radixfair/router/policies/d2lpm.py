@@ -96,7 +96,7 @@ class D2LPMPolicy(RouterPolicy):
         d = self._state(request.client_id)
         ids = [w.worker_id for w in hs]
         self._refill(d, ids, cfg.router_quantum * request.weight)
-        open_ = [w for w in hs if d[w.worker_id] > 0]
+        open_ = [w for w in hs if d.get(w.worker_id, 0.0) > 0]  # a worker that joined mid-round waits for the next
         self.index.trim(request.time)
         matched = self.index.match(request.input_ids, ids)
         self._matched = (request, matched)
