@@ -15,7 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "radixfair"
 TORCH_FREE = ("radixfair.cache", "radixfair.sched", "radixfair.sim", "radixfair.metrics", "radixfair.tokenizer",
-              "radixfair.io_struct", "radixfair.sampling_params", "radixfair.engine_args", "radixfair.config_flags")
+              "radixfair.io_struct", "radixfair.sampling_params", "radixfair.engine_args", "radixfair.config_flags",
+              "radixfair.router.policies")
 # (importer, what it must never import): by the import statements in the importer's own files
 FORBIDDEN = [
     ("cache", "radixfair.sched"),
@@ -25,8 +26,15 @@ FORBIDDEN = [
     ("server", "radixfair.sched"),
     ("tokenizer", "radixfair.engine"),
     ("metrics", "radixfair.engine"),
+    # the routing decisions are plain objects: no HTTP, no scheduler, shared by the router and the simulator
+    ("router/policies", "radixfair.engine"),
+    ("router/policies", "radixfair.server"),
+    ("router/policies", "radixfair.sched"),
+    ("router/policies", "radixfair.sim"),
+    ("router/policies", "fastapi"),
+    ("router/policies", "httpx"),
 ]
-CORE = ("cache", "sched", "sim", "metrics", "tokenizer", "engine", "server")
+CORE = ("cache", "sched", "sim", "metrics", "tokenizer", "engine", "server", "router")
 
 
 def imports_of(package: str) -> dict[str, set[str]]:

@@ -30,16 +30,36 @@ def print_rows(rows: Sequence[dict[str, Any]], title: str) -> None:
     )
 
 
+def print_distributed_rows(rows: Sequence[dict[str, Any]], title: str) -> None:
+    print_table(
+        ["workload", "workers", "policy", "worker policy", "tok/s", "hit rate", "Jain", "max svc diff",
+         "p99 e2e (s)", "p99 well-behaved (s)", "load spread", "makespan (s)"],
+        [[r["workload"], str(r["workers"]), r["policy"], r["worker_policy"], f"{r['throughput']:.0f}",
+          f"{r['hit_rate']:.3f}", _f(r["jain"], ".3f"), _f(r["max_service_diff"], ".0f"), _f(r["p99_latency"], ".1f"),
+          _f(r["p99_latency_well_behaved"], ".1f"), f"{r['load_spread']:.2f}", f"{r['makespan']:.1f}"] for r in rows],
+        title=title, width=TABLE_WIDTH,
+    )
+
+
 def _requests(rows: Sequence[dict[str, Any]]) -> str:
     """Requests per trace: one number, or one per trace where the scenario runs several."""
-    per = {(r["workload"], r["clients"]): r["requests"] for r in rows}
+    per = {(r["workload"], r["clients"], r["workers"]): r["requests"] for r in rows}
     return str(next(iter(per.values()))) if len(per) == 1 else "+".join(map(str, per.values()))
+
+
+def parse_router_policies(spec: str) -> list[str]:
+    from radixfair.router.policies import canonical_name
+
+    names = [canonical_name(p.strip()) for p in spec.split(",") if p.strip()]
+    if not names:
+        raise ValueError("--policies is empty")
+    return list(dict.fromkeys(names))
 
 
 def main(ns: argparse.Namespace) -> int:
     from radixfair.bench.fairness_bench import parse_policies
     from radixfair.sim.cost_model import load_profile
-    from radixfair.sim.scenarios import get_scenario, run_scenario
+    from radixfair.sim.scenarios import default_policies, get_scenario, run_scenario
     from radixfair.sim.trace import read_jsonl
 
     scenario = get_scenario(ns.scenario)
@@ -49,15 +69,17 @@ def main(ns: argparse.Namespace) -> int:
             raise ValueError("--cv sets the burstiness of --arrival gamma; Poisson arrivals have cv 1")
         scenario = replace(scenario, trace=replace(scenario.trace, arrival=arrival,
                                                    cv=scenario.trace.cv if ns.cv is None else ns.cv))
-    policies = parse_policies(ns.policies)
-    if ns.workers < 1:
+    spec = ns.policies or ",".join(default_policies(scenario))
+    policies = parse_router_policies(spec) if scenario.distributed else parse_policies(spec)
+    if ns.workers is not None and ns.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {ns.workers}")
+    workers = ns.workers if ns.workers is not None or scenario.distributed else 1
     cost = load_profile(ns.profile)
     trace = read_jsonl(ns.trace) if ns.trace else None
     if ns.trace_out:
         if trace is not None:
             raise ValueError("--trace-out writes the scenario's generated traces; it does not go with --trace")
-        for path in write_traces(scenario, ns.trace_out, ns.workers, ns.seed, workloads=_workloads(ns)):
+        for path in write_traces(scenario, ns.trace_out, workers, ns.seed, workloads=_workloads(ns)):
             print(f"wrote {path}")
     t = time.perf_counter()
     workloads = _workloads(ns)
@@ -69,15 +91,22 @@ def main(ns: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        rows = run_scenario(scenario, cost, policies, workers=ns.workers, seed=ns.seed, trace=trace,
+        rows = run_scenario(scenario, cost, policies, workers=workers, seed=ns.seed, trace=trace,
                             workloads=workloads, progress=progress)
     wall = time.perf_counter() - t
-    print_rows(rows, f"bench sim {scenario.name}: {scenario.description}; {ns.workers} worker(s), "
-                     f"cost model {cost.name}; {_requests(rows)} requests, {wall:.1f} s wall "
-                     f"(Jain and service diff over the arrival period, {scenario.window:g} s windows)")
+    counts = ",".join(str(n) for n in dict.fromkeys(r["workers"] for r in rows))
+    title = (f"bench sim {scenario.name}: {scenario.description}; {counts} worker(s), "
+             f"cost model {cost.name}; {_requests(rows)} requests, {wall:.1f} s wall "
+             f"(Jain and service diff over the arrival period, {scenario.window:g} s windows)")
+    if scenario.distributed:
+        print_distributed_rows(rows, title)
+    else:
+        print_rows(rows, title)
     write_json(ns.json, rows)
     if ns.plot:
-        if scenario.client_counts:
+        if scenario.distributed:
+            plot_workers(rows, ns.plot)
+        elif scenario.client_counts:
             plot_client_scale(rows, ns.plot)
         elif scenario.name == "quantum-sweep":
             plot_quantum_sweep(rows, ns.plot)
@@ -93,20 +122,23 @@ def _workloads(ns: argparse.Namespace) -> list[str] | None:
     return [w.strip() for w in ns.workloads.split(",") if w.strip()] if ns.workloads else None
 
 
-def write_traces(scenario: Any, path: str, workers: int = 1, seed: int = 0,
+def write_traces(scenario: Any, path: str, workers: int | None = 1, seed: int = 0,
                  workloads: Sequence[str] | None = None) -> list[str]:
     """The scenario's generated traces as JSONL, the files `--trace` (here and in `bench calibrate`)
-    replays. One trace goes to `path`; several get their workload (and client count) before the suffix."""
+    replays. One trace goes to `path`; several get their workload (and client count, or worker count
+    for a sweep: `workers` None) before the suffix."""
     from radixfair.sim.scenarios import trace_configs
     from radixfair.sim.trace import generate, write_jsonl
 
-    tcfgs = trace_configs(scenario, workers, seed, workloads)
+    counts = (workers,) if workers is not None else scenario.worker_counts
+    runs = [(n, t) for n in counts for t in trace_configs(scenario, n, seed, workloads)]
     p = Path(path)
     out = []
-    for tcfg in tcfgs:
+    for n, tcfg in runs:
         target = p
-        if len(tcfgs) > 1:
+        if len(runs) > 1:
             tag = tcfg.workload + (f".{tcfg.num_clients}clients" if scenario.client_counts else "")
+            tag += f".{n}workers" if len(counts) > 1 else ""
             target = p.with_name(f"{p.stem}.{tag}{p.suffix or '.jsonl'}")
         write_jsonl(target, generate(tcfg))
         out.append(str(target))
@@ -179,19 +211,62 @@ def plot_client_scale(rows: Sequence[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def plot_workers(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Distributed scenarios: p99 latency of the well-behaved clients (top) and Jain's index
+    (bottom) against the number of workers, a line per router policy, a column per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    counts = sorted({r["workers"] for r in rows})
+    fig, axes = plt.subplots(2, len(workloads), figsize=(3.6 * len(workloads) + 1, 6.4), squeeze=False)
+    for col, wl in enumerate(workloads):
+        for p in policies:
+            rs = sorted((r for r in rows if r["workload"] == wl and r["policy"] == p), key=lambda r: r["workers"])
+            label = f"{p} ({rs[0]['worker_policy']} workers)" if rs else p
+            xs = [r["workers"] for r in rs]
+            nan = float("nan")
+            axes[0][col].plot(xs, [nan if r["p99_latency_well_behaved"] is None else r["p99_latency_well_behaved"]
+                                   for r in rs], marker="o", label=label)
+            axes[1][col].plot(xs, [nan if r["jain"] is None else r["jain"] for r in rs], marker="o", label=label)
+        axes[0][col].set_title(wl)
+        axes[0][col].set_yscale("log")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+            ax.set_xticks(counts, [str(n) for n in counts])
+            ax.grid(alpha=0.3)
+        axes[1][col].set_xlabel("workers")
+    axes[0][0].set_ylabel("p99 latency, well-behaved clients (s)")
+    axes[1][0].set_ylabel("Jain's index (service, arrival period)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['scenario']}: cost model {rows[0]['cost_model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_parser(sub: Any) -> None:
     from radixfair.sim.cost_model import available_profiles
-    from radixfair.sim.scenarios import DEFAULT_POLICIES, SCENARIOS
+    from radixfair.sim.scenarios import DEFAULT_POLICIES, DEFAULT_ROUTER_POLICIES, SCENARIOS
 
     p = sub.add_parser("sim", help="scheduling policies on simulated workers (real scheduler, cost-model time)")
     p.add_argument("--scenario", default="misbehave-s1", choices=list(SCENARIOS))
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="comma list (quantum-sweep runs its own fixed set)")
-    p.add_argument("--workers", type=int, default=1, help="simulated workers, round-robin routing")
+    p.add_argument("--policies", default=None,
+                   help=f"comma list of worker scheduling policies (default {','.join(DEFAULT_POLICIES)}; "
+                        f"quantum-sweep runs its own fixed set), or for dist-s1/dist-s2 of router policies "
+                        f"(default {','.join(DEFAULT_ROUTER_POLICIES)}; also power_of_two), each over the "
+                        f"workers' policy it implies: d2lpm -> dlpm, global_vtc -> vtc, others -> lpm")
+    p.add_argument("--workers", type=int, default=None,
+                   help="simulated workers (default 1, routed round-robin; dist-s1/dist-s2 sweep 1, 2, 4 and 8)")
     p.add_argument("--profile", default="a100-llama3.1-8b",
                    help=f"cost model: {', '.join(available_profiles())} or a JSON path")
     p.add_argument("--workloads", default=None,
-                   help="comma list of docqa,fewshot,tot,judge,chat (default: the scenario's; misbehave-s1/s2 run docqa,fewshot)")
+                   help="comma list of docqa,fewshot,tot,judge,chat (default: the scenario's; misbehave-s1/s2 run "
+                        "docqa,fewshot, dist-s1/s2 all five)")
     p.add_argument("--trace", default=None, help="JSONL trace to replay instead of the scenario's generated one")
     p.add_argument("--trace-out", default=None, metavar="PATH",
                    help="also write the scenario's generated trace(s) as JSONL (several: PATH.<workload>.jsonl)")
@@ -201,5 +276,6 @@ def add_parser(sub: Any) -> None:
                    help="coefficient of variation of Gamma inter-arrival gaps (implies --arrival gamma; 1 = Poisson)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
-    p.add_argument("--plot", default=None, help="PNG of each client's service rate over time")
+    p.add_argument("--plot", default=None, help="PNG of each client's service rate over time (dist-s1/s2: p99 of "
+                                                 "the well-behaved clients and Jain against the workers)")
     p.set_defaults(func=main)

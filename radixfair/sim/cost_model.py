@@ -17,6 +17,7 @@ are optional in a profile (0 when absent).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -68,8 +69,12 @@ class CostModel:
     def coefficients(self) -> tuple[float, ...]:
         return tuple(float(getattr(self, f)) for f in COEFFICIENTS)
 
+    @functools.cached_property
+    def _coefficients(self) -> tuple[float, ...]:  # a simulation asks once per batch
+        return self.coefficients()
+
     def time(self, features: BatchFeatures) -> float:
-        return sum(c * x for c, x in zip(self.coefficients(), features.vector(), strict=True))
+        return sum(c * x for c, x in zip(self._coefficients, features.vector(), strict=True))
 
     def batch_time(self, batch: ScheduledBatch) -> float:
         return self.time(batch_features(batch))
