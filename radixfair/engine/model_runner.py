@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from radixfair.engine.constrained.mask import TokenMask
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
 from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
+from radixfair.sched.request import Req
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ CASCADE_MIN_SAVED_TOKENS = 8192
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 4  # requests
 GROUP_OVERHEAD_TOKENS = 2048
+# the token masks of the constrained requests among those that sample (structured outputs)
+MaskFn = Callable[[Sequence[Req]], TokenMask | None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,6 +120,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
+        self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
 
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""
@@ -126,7 +132,10 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> BatchOutput:
         fb = self._prepare(batch)
         logits = self.model(fb, self.kv)
-        return self._postprocess(batch, logits)
+        # after the launch: on an asynchronous device the masks are computed while the model runs
+        masks = self.token_masks
+        mask = masks([r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]) if masks else None
+        return self._postprocess(batch, logits, mask)
 
     # ---- batch preparation ---------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
@@ -273,7 +282,7 @@ class ModelRunner:
         return DecodeGroup(idx, kv_index, kv_mask)
 
     # ---- sampling and logprobs -----------------------------------------------------------------
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> BatchOutput:
+    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, mask: TokenMask | None = None) -> BatchOutput:
         n = len(batch.reqs)
         next_ids = [-1] * n
         next_lps: list[float | None] = [None] * n
@@ -300,7 +309,7 @@ class ModelRunner:
                 offset += 1
         if sample_reqs:
             rows = logits if len(sample_rows) == logits.shape[0] else logits[self._tensor(np.asarray(sample_rows))]
-            res = self.sampler.sample(rows, sample_reqs)
+            res = self.sampler.sample(rows, sample_reqs, mask)
             j = 0
             for i in range(n):
                 if batch.sample[i]:

@@ -88,6 +88,9 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
+        # running requests whose grammar forced tokens after their last sampled one (jump-forward):
+        # the next prefill batch computes those tokens as extend tokens before they decode again
+        self._jump_forward: list[Req] = []
         self._counters = _Counters()
         self.new_token_ratio = config.init_new_token_ratio
         self._by_rid: dict[str, Req] = {}
@@ -183,7 +186,7 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         cfg = self.config
-        if not self.waiting and self.chunked_req is None:
+        if not self.waiting and self.chunked_req is None and not self._jump_forward:
             return None
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else None
         # as in SGLang, the chunk size bounds the whole prefill batch, not just one request
@@ -193,6 +196,7 @@ class Scheduler:
         # what this batch computes, so a request sharing a long new prefix with another one in it
         # can wait a batch and reuse that prefix (no use when nothing is ever reused)
         batch_index = None if cfg.disable_radix_cache else PrefixTree()
+        token_budget -= self._admit_jump_forward(admitted)
 
         # Only one request is mid-way through a chunked prompt at a time: while it stays partial
         # it has the batch to itself; the pass that completes it may start another.
@@ -202,7 +206,7 @@ class Scheduler:
             take = min(n, token_budget, chunk or n)
             if not self.kv.grow(req, take):
                 # not even the ongoing chunk fits: decode first so running requests free memory
-                return None
+                return self._build_prefill(admitted) if admitted else None
             self._charge(req, 0, False)
             admitted.append((req, take))
             token_budget -= take
@@ -230,6 +234,26 @@ class Scheduler:
             for req in started:
                 self.policy.on_dequeue(req)
         return self._build_prefill(admitted)
+
+    def _admit_jump_forward(self, admitted: list[tuple[Req, int]]) -> int:
+        """Put the running requests with forced tokens into this prefill batch (before anything else:
+        they hold KV and are mid-output); one that cannot get the slots goes back to the queue, its
+        progress kept in the tree. Returns the tokens they take."""
+        used = 0
+        reqs, self._jump_forward = self._jump_forward, []
+        for req in reqs:
+            if req.finished or req.status is not ReqStatus.RUNNING or req.row < 0:
+                continue  # finished, aborted or retracted since: its own path handles it
+            take = req.pending_extend + 1  # the last sampled token, then the forced ones
+            if not self.kv.grow(req, take):
+                self.running.remove(req)
+                self._retract(req)
+                continue
+            # forced tokens are charged as extend tokens (w_in); the sampled one was charged at w_out
+            self._charge(req, 0, False)
+            admitted.append((req, take))
+            used += take
+        return used
 
     def _admission_pass(
         self,
@@ -294,12 +318,15 @@ class Scheduler:
         first = not req.admitted_once
         if first:
             req.admitted_once = True
-            req.cached_tokens = req.prefix_len
+            # a prefix may cover output tokens the grammar forced before the first sample
+            req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
             req.charged_upto = req.prefix_len
             self._counters.input_tokens += len(req.origin_input_ids)
-            self._counters.cached_tokens += req.prefix_len
-        self._charge(req, req.prefix_len if first else 0, first)
+            self._counters.cached_tokens += req.cached_tokens
+        self._charge(req, req.cached_tokens if first else 0, first)
         req.status = ReqStatus.RUNNING
+        if not first and req.constraint is not None:
+            req.constraint.resume(req.output_ids)
         return True
 
     def _charge(self, req: Req, cached_len: int, first: bool) -> None:
@@ -416,6 +443,8 @@ class Scheduler:
         self._counters.retractions += 1
         req.num_retractions += 1
         self.kv.release(req)
+        if req.constraint is not None:
+            req.constraint.suspend()
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.3)
@@ -426,6 +455,8 @@ class Scheduler:
     def process_output(self, batch: ScheduledBatch, out: BatchOutput) -> list[Req]:
         """Apply sampled tokens; returns the requests that finished in this step."""
         finished: list[Req] = []
+        # in a prefill batch, requests already running are jump-forward extends, not admissions
+        was_running = {id(r) for r in self.running} if batch.mode is BatchMode.PREFILL else set()
         for i, req in enumerate(batch.reqs):
             if batch.mode is BatchMode.PREFILL:
                 self._record_prompt_logprobs(req, batch, out, i)
@@ -448,12 +479,17 @@ class Scheduler:
                 req.append_token(token)
                 self.policy.on_decode(req, 1)
                 self._counters.decode_tokens += 1
+                if not req.finished and req.pending_extend:
+                    # the sampled token's position is paid for (w_out); only the forced ones are extend
+                    req.charged_upto = max(req.charged_upto, req.kv_len + 1)
+                    self._jump_forward.append(req)
             if batch.mode is BatchMode.PREFILL:
                 if self.chunked_req is req:
                     self.chunked_req = None
                 if not req.finished:
                     self.kv.publish(req)
-                    self.running.append(req)
+                    if id(req) not in was_running:
+                        self.running.append(req)
             if req.finished:
                 self._leave(req)
                 finished.append(req)

@@ -59,7 +59,10 @@ class ServerMetrics:
         self.prompt_tokens.labels(client).inc(prompt)
         self.output_tokens.labels(client).inc(output)
         self.cached_tokens.labels(client).inc(cached)
-        self.service.labels(client).inc(charged_service(max(prompt - cached, 0), output, self.w_in, self.w_out))
+        # output tokens a grammar forced (jump-forward) are computed, and charged, as extend tokens
+        forced = out.forced_tokens
+        self.service.labels(client).inc(charged_service(max(prompt - cached, 0) + forced, output - forced,
+                                                        self.w_in, self.w_out))
         if out.ttft is not None:
             self.ttft.observe(out.ttft)
         self.e2e.observe(out.e2e_latency)
