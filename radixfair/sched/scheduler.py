@@ -249,8 +249,7 @@ class Scheduler:
                 self.running.remove(req)
                 self._retract(req)
                 continue
-            # forced tokens are charged as extend tokens (w_in); the sampled one was charged at w_out
-            self._charge(req, 0, False)
+            self._charge(req, 0, False)  # nothing new: every token appended was charged then
             admitted.append((req, take))
             used += take
         return used
@@ -476,12 +475,18 @@ class Scheduler:
             if req.sampling_params.max_new_tokens == 0:
                 req.finish(FinishReason("length", length=0))
             else:
+                forced_before = req.forced_tokens
                 req.append_token(token)
                 self.policy.on_decode(req, 1)
                 self._counters.decode_tokens += 1
+                forced = req.forced_tokens - forced_before
+                if forced:
+                    # tokens the grammar forced after the sampled one (jump-forward) are charged as
+                    # extend tokens (w_in) as they are appended, as a sampled token is (w_out); the
+                    # extend pass that computes them, or a re-prefill after retraction, adds nothing
+                    self.policy.on_admit(req, forced, 0)
+                    req.charged_upto = len(req.origin_input_ids) + len(req.output_ids)
                 if not req.finished and req.pending_extend:
-                    # the sampled token's position is paid for (w_out); only the forced ones are extend
-                    req.charged_upto = max(req.charged_upto, req.kv_len + 1)
                     self._jump_forward.append(req)
             if batch.mode is BatchMode.PREFILL:
                 if self.chunked_req is req:

@@ -60,6 +60,10 @@ class _OpenAISampling(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     rid: str | None = None
+    # structured outputs: OpenAI's response_format, and SGLang's regex / ebnf extensions
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class CompletionRequest(_OpenAISampling):
