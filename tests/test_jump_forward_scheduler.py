@@ -1,7 +1,8 @@
 """Jump-forward in the pure scheduler (no model, no grammar library): a fake constraint forces tokens
-after some sampled ones. The scheduler must compute them as extend tokens in a prefill-like pass,
-charge them at w_in (sampled tokens at w_out), put them in the radix tree, keep the KV conserved, and
-rebuild the constraint after a retraction."""
+after some sampled ones. The scheduler must compute them as extend tokens in the next decode pass
+(several query tokens for that request, no pass of their own), charge them at w_in (sampled tokens at
+w_out), put them in the radix tree, keep the KV conserved, and rebuild the constraint after a
+retraction."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from collections.abc import Sequence
 
 import pytest
 from fixtures.helpers import TrackingAllocator
-from test_scheduler import FakeExecutor, conservation, idle_invariant, next_token
+from test_scheduler import FakeExecutor, conservation, idle_invariant, next_token, prefix_hashes
 
 from radixfair.sampling_params import SamplingParams
-from radixfair.sched.batch import BatchMode
+from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.constraint import JumpForward
 from radixfair.sched.policies import FCFSPolicy
 from radixfair.sched.request import Req
@@ -71,6 +72,39 @@ def expected(prompt_len: int, max_new: int, every: int) -> tuple[list[int], int]
     return out, forced
 
 
+class JumpForwardExecutor(FakeExecutor):
+    """The fake executor, with decode passes in which a request may have several tokens: each one's KV
+    is computed from the slots its row holds, as the model runner's decode attention reads them."""
+
+    def run(self, batch: ScheduledBatch) -> BatchOutput:
+        if batch.mode is BatchMode.PREFILL:
+            return super().run(batch)
+        for row_id, row_slots in batch.row_updates:
+            self.table.setdefault(int(row_id), {}).update((p, int(x)) for p, x in enumerate(row_slots))
+        tokens: list[int] = []
+        flat = 0
+        for i, r in enumerate(batch.reqs):
+            fill = r.fill_ids
+            hashes = prefix_hashes(fill)
+            start, n = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
+            assert start + n == len(fill), "a decode pass computes everything up to the last token"
+            assert batch.input_ids[flat : flat + n].tolist() == fill[start:]
+            assert batch.positions[flat : flat + n].tolist() == list(range(start, start + n))
+            row = self.table.setdefault(int(batch.rows[i]), {})
+            for j in range(n):
+                row[start + j] = int(batch.out_slots[flat + j])
+            slots = [row.get(p, -1) for p in range(start + n)]
+            assert slots == [int(x) for x in r.slots[: start + n]], f"{r.rid}: stale req_to_token row"
+            for p in range(start):
+                assert self.kv.get(slots[p]) == hashes[p], f"{r.rid}: wrong KV at position {p}"
+            for p in range(start, start + n):
+                self.kv[slots[p]] = hashes[p]
+            flat += n
+            tokens.append(next_token(start + n))
+        assert flat == batch.num_tokens
+        return BatchOutput(next_token_ids=tokens)
+
+
 class RecordingPolicy(FCFSPolicy):
     def __init__(self) -> None:
         super().__init__()
@@ -85,19 +119,21 @@ class RecordingPolicy(FCFSPolicy):
 
 
 def run(s: Scheduler, reqs: list[Req], max_steps: int = 5000) -> dict[BatchMode, int]:
-    ex = FakeExecutor()
+    ex = JumpForwardExecutor()
     for r in reqs:
         s.add_request(r)
     passes = {BatchMode.PREFILL: 0, BatchMode.DECODE: 0}
     for _ in range(max_steps):
         if s.is_idle():
             break
+        running_before = {id(r) for r in s.running}
         batch = s.schedule()
         assert not s.pop_dropped()
         assert batch is not None, "requests but no batch"
-        if batch.mode is BatchMode.DECODE:
-            for r in batch.reqs:
-                assert r.pending_extend == 0, "a request with forced tokens pending was decoded"
+        if batch.mode is BatchMode.PREFILL:
+            assert not any(id(r) in running_before for r in batch.reqs), "forced tokens got a pass of their own"
+        else:
+            assert {id(r) for r in batch.reqs} == {id(r) for r in s.running}, "a decode pass runs everyone"
         passes[batch.mode] += 1
         conservation(s, [*s.running, *batch.reqs, *([s.chunked_req] if s.chunked_req else [])])
         s.process_output(batch, ex.run(batch))
@@ -129,7 +165,7 @@ def test_forced_tokens_are_extend_tokens_charged_at_w_in(every: int) -> None:
         assert r.output_ids == want and r.forced_tokens == forced > 0
         assert policy.decoded[r.rid] == 30 - forced  # sampled: w_out
         assert policy.extend[r.rid] == len(p) + forced  # prompt and forced: w_in
-    # forced tokens never take a decode step of their own
+    # forced tokens never take a pass of their own: one decode pass per sampled token at most
     assert passes[BatchMode.DECODE] <= 30 - expected(10, 30, every)[1]
     # and they are in the radix tree like any computed token
     for p, r in zip(prompts, reqs, strict=True):

@@ -8,6 +8,7 @@ Every blocking call goes through `bounded()`, so a hung engine fails the test in
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import threading
@@ -23,6 +24,7 @@ from fixtures.helpers import bounded
 
 from radixfair.engine.constrained.base import GrammarError, GrammarSpec
 from radixfair.engine.constrained.cache import GrammarCache
+from radixfair.engine.constrained.min_length import json_min_bytes, regex_min_chars
 from radixfair.engine.engine import Engine
 from radixfair.sched.batch import BatchMode, ScheduledBatch
 
@@ -72,6 +74,8 @@ def gen(engine: Engine, timeout: float = TIMEOUT, **kwargs: Any) -> Any:
 
 
 def make_engine(path: Path, **kwargs: Any) -> Engine:
+    # RADIXFAIR_TEST_DEVICE=cuda runs them on a GPU (masks unpacked on the device)
+    kwargs.setdefault("device", os.environ.get("RADIXFAIR_TEST_DEVICE", "cpu"))
     kwargs.setdefault("max_total_tokens", POOL)
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("debug_invariants", True)
@@ -340,6 +344,23 @@ def test_bad_constraints_are_refused_before_queueing(engine: Engine, params: dic
     with pytest.raises(ValueError, match=f"^{field}: "):
         gen(engine, input_ids=PROMPTS[0], sampling_params=params)
     assert engine.get_stats().input_tokens == before  # nothing was queued
+
+
+def test_the_length_bound_is_the_shortest_output() -> None:
+    assert regex_min_chars("[0-9]{4}-(ab|c)?x+") == 6
+    assert regex_min_chars("(?<n>x)") == 0  # not Python's syntax: no bound
+    shortest = {
+        json.dumps(SCHEMA): '{"id":0,"tag":"red","ok":true,"pos":{"x":0,"y":0},"list":[""]}',
+        json.dumps({"$defs": {"p": {"type": "object", "properties": {"a": {"const": 10}}, "required": ["a"]}},
+                    "type": "array", "items": {"$ref": "#/$defs/p"}, "minItems": 2}): '[{"a":10},{"a":10}]',
+        json.dumps({"anyOf": [{"type": "string", "minLength": 3}, {"type": "integer", "minimum": 100}]}): "100",
+        json.dumps({"type": "object", "required": ["s", "b"],
+                    "properties": {"s": {"type": "string", "pattern": "^[a-z]{4}$"}, "b": {"type": "null"}}}):
+            '{"s":"abcd","b":null}',
+    }
+    for text, want in shortest.items():
+        schema = json.loads(text)
+        assert json_min_bytes(schema, schema, 0) == len(want), text
 
 
 def test_grammar_backend_none_refuses_constraints(tiny_llama: Path) -> None:

@@ -147,13 +147,20 @@ class ModelRunner:
         out_slots = self._tensor(batch.out_slots)
         if batch.mode is BatchMode.DECODE:
             rows = self._tensor(batch.rows)
+            logits_index = torch.arange(len(batch.reqs), device=self.device)
+            if len(batch.input_ids) != len(batch.reqs):
+                # requests with forced (jump-forward) tokens have one query row per token, each
+                # attending to its own causal length through the table: decode rows like any other
+                counts = self._tensor(batch.extend_lens)
+                rows = rows.repeat_interleave(counts)
+                logits_index = torch.cumsum(counts, 0) - 1
             table[rows, positions] = out_slots
             return ForwardBatch(
                 mode=ForwardMode.DECODE,
                 input_ids=input_ids,
                 positions=positions,
                 out_slots=out_slots,
-                logits_index=torch.arange(len(batch.reqs), device=self.device),
+                logits_index=logits_index,
                 decode_groups=self._decode_groups(batch, rows),
             )
         seqs: list[PrefillSeq] = []
@@ -191,6 +198,8 @@ class ModelRunner:
 
     def _decode_groups(self, batch: ScheduledBatch, rows: torch.Tensor) -> list[DecodeGroup]:
         """Requests sharing a long prefix form cascade groups; the rest are split by length."""
+        if len(rows) != len(batch.reqs):  # forced tokens: rows are tokens, cascade groups are requests
+            return self._length_groups(batch, rows, None)
         groups, rest = self._cascade_groups(batch, rows)
         if not groups:
             return self._length_groups(batch, rows, None)

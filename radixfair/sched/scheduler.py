@@ -88,9 +88,6 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
-        # running requests whose grammar forced tokens after their last sampled one (jump-forward):
-        # the next prefill batch computes those tokens as extend tokens before they decode again
-        self._jump_forward: list[Req] = []
         self._counters = _Counters()
         self.new_token_ratio = config.init_new_token_ratio
         self._by_rid: dict[str, Req] = {}
@@ -186,7 +183,7 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         cfg = self.config
-        if not self.waiting and self.chunked_req is None and not self._jump_forward:
+        if not self.waiting and self.chunked_req is None:
             return None
         chunk = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else None
         # as in SGLang, the chunk size bounds the whole prefill batch, not just one request
@@ -196,7 +193,6 @@ class Scheduler:
         # what this batch computes, so a request sharing a long new prefix with another one in it
         # can wait a batch and reuse that prefix (no use when nothing is ever reused)
         batch_index = None if cfg.disable_radix_cache else PrefixTree()
-        token_budget -= self._admit_jump_forward(admitted)
 
         # Only one request is mid-way through a chunked prompt at a time: while it stays partial
         # it has the batch to itself; the pass that completes it may start another.
@@ -206,7 +202,7 @@ class Scheduler:
             take = min(n, token_budget, chunk or n)
             if not self.kv.grow(req, take):
                 # not even the ongoing chunk fits: decode first so running requests free memory
-                return self._build_prefill(admitted) if admitted else None
+                return None
             self._charge(req, 0, False)
             admitted.append((req, take))
             token_budget -= take
@@ -234,25 +230,6 @@ class Scheduler:
             for req in started:
                 self.policy.on_dequeue(req)
         return self._build_prefill(admitted)
-
-    def _admit_jump_forward(self, admitted: list[tuple[Req, int]]) -> int:
-        """Put the running requests with forced tokens into this prefill batch (before anything else:
-        they hold KV and are mid-output); one that cannot get the slots goes back to the queue, its
-        progress kept in the tree. Returns the tokens they take."""
-        used = 0
-        reqs, self._jump_forward = self._jump_forward, []
-        for req in reqs:
-            if req.finished or req.status is not ReqStatus.RUNNING or req.row < 0:
-                continue  # finished, aborted or retracted since: its own path handles it
-            take = req.pending_extend + 1  # the last sampled token, then the forced ones
-            if not self.kv.grow(req, take):
-                self.running.remove(req)
-                self._retract(req)
-                continue
-            self._charge(req, 0, False)  # nothing new: every token appended was charged then
-            admitted.append((req, take))
-            used += take
-        return used
 
     def _admission_pass(
         self,
@@ -386,10 +363,12 @@ class Scheduler:
         return targets - 1 - start, np.asarray(prompt[first_t : last_t + 1], dtype=np.int64)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        self._make_room(len(self.running))
+        self._make_room(sum(1 + r.pending_extend for r in self.running))
         if not self.running:
             return None
         reqs = list(self.running)
+        if any(r.pending_extend for r in reqs):
+            return self._decode_with_forced_tokens(reqs)
         positions = np.asarray([r.kv_len for r in reqs], dtype=np.int64)
         ids = np.asarray([r.output_ids[-1] for r in reqs], dtype=np.int64)
         new = self.kv.extend_by_one(reqs)
@@ -408,6 +387,36 @@ class Scheduler:
             extend_lens=np.ones(len(reqs), dtype=np.int64),
             sample=[True] * len(reqs),
             row_slots=[r.slots for r in reqs],  # lets the executor find prefixes the batch shares
+        )
+
+    def _decode_with_forced_tokens(self, reqs: list[Req]) -> ScheduledBatch:
+        """A decode step in which requests whose grammar forced tokens after their last sampled one
+        (jump-forward) compute those as extend tokens: several query tokens for such a request, each
+        attending causally to its prefix, in the same pass as the others' single decode tokens, so
+        nobody waits a pass for them. They were charged (w_in) when the grammar appended them."""
+        counts = [1 + r.pending_extend for r in reqs]
+        starts = [r.kv_len for r in reqs]
+        ids: list[int] = []
+        for r, start, n in zip(reqs, starts, counts, strict=True):
+            fill = r.fill_ids
+            ids.extend(fill[start : start + n])
+        new = self.kv.extend(reqs, counts)
+        for req in reqs:
+            req.charged_upto = max(req.charged_upto, req.kv_len)
+        self._counters.prefill_tokens += sum(counts) - len(reqs)
+        self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
+        return ScheduledBatch(
+            row_updates=self.kv.take_row_updates(),
+            mode=BatchMode.DECODE,
+            reqs=reqs,
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, counts, strict=True)]),
+            out_slots=new,
+            rows=np.asarray([r.row for r in reqs], dtype=np.int64),
+            prefix_lens=np.asarray(starts, dtype=np.int64),
+            extend_lens=np.asarray(counts, dtype=np.int64),
+            sample=[True] * len(reqs),
+            row_slots=[r.slots for r in reqs],
         )
 
     def _make_room(self, need: int) -> None:
@@ -434,8 +443,8 @@ class Scheduler:
                 return
             victim = max(self.running, key=lambda r: (r.arrival_time, r.arrival_seq))
             self.running.remove(victim)
+            need -= 1 + victim.pending_extend
             self._retract(victim)
-            need -= 1
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the queue; its progress stays in the tree if enabled."""
@@ -454,8 +463,6 @@ class Scheduler:
     def process_output(self, batch: ScheduledBatch, out: BatchOutput) -> list[Req]:
         """Apply sampled tokens; returns the requests that finished in this step."""
         finished: list[Req] = []
-        # in a prefill batch, requests already running are jump-forward extends, not admissions
-        was_running = {id(r) for r in self.running} if batch.mode is BatchMode.PREFILL else set()
         for i, req in enumerate(batch.reqs):
             if batch.mode is BatchMode.PREFILL:
                 self._record_prompt_logprobs(req, batch, out, i)
@@ -486,15 +493,12 @@ class Scheduler:
                     # extend pass that computes them, or a re-prefill after retraction, adds nothing
                     self.policy.on_admit(req, forced, 0)
                     req.charged_upto = len(req.origin_input_ids) + len(req.output_ids)
-                if not req.finished and req.pending_extend:
-                    self._jump_forward.append(req)
             if batch.mode is BatchMode.PREFILL:
                 if self.chunked_req is req:
                     self.chunked_req = None
                 if not req.finished:
                     self.kv.publish(req)
-                    if id(req) not in was_running:
-                        self.running.append(req)
+                    self.running.append(req)
             if req.finished:
                 self._leave(req)
                 finished.append(req)
