@@ -240,6 +240,21 @@ def test_masks_allow_a_stop_token_only_where_the_grammar_accepts(engine: Engine)
         assert r.constraint.is_terminated()
 
 
+def test_a_row_is_never_left_without_a_token(engine: Engine) -> None:
+    from radixfair.engine.constrained.base import allocate_bitmask
+    from radixfair.sampling_params import SamplingParams
+    from radixfair.sched.request import Req
+
+    gm = engine.grammar
+    reqs = [Req(origin_input_ids=[5], sampling_params=SamplingParams()) for _ in range(2)]
+    bitmask = allocate_bitmask(2, gm.vocab_size)  # a matcher in an error state allows nothing
+    bitmask[1, 0] = 1 << 9  # token 9 only
+    gm._fix_stop_tokens(bitmask, reqs)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+    assert set(np.flatnonzero(bits[0]).tolist()) == set(engine.eos_token_ids)  # the request can end
+    assert np.flatnonzero(bits[1]).tolist() == [9]
+
+
 def test_min_new_tokens_stop_strings_penalties_and_logprobs_under_a_constraint(
         engine: Engine, engine_no_jf: Engine) -> None:
     # min_new_tokens holds EOS back while the grammar can go on
