@@ -310,6 +310,16 @@ def test_jump_forward_output_equals_the_output_without_it(engine: Engine, engine
     assert_idle(engine_no_jf)
 
 
+def test_an_output_the_grammar_forces_whole_needs_no_sample(engine: Engine, engine_no_jf: Engine) -> None:
+    params = {"regex": "hello world", "temperature": 1.0}
+    forced = gen(engine, input_ids=PROMPTS[1], sampling_params=params)
+    sampled = gen(engine_no_jf, input_ids=PROMPTS[1], sampling_params=params)
+    assert forced["text"] == sampled["text"] == "hello world"
+    assert forced["meta_info"]["jump_forward_tokens"] == forced["meta_info"]["completion_tokens"]
+    assert forced["meta_info"]["finish_reason"]["type"] == "stop"
+    assert_idle(engine)
+
+
 def test_jump_forward_tokens_enter_the_radix_tree(engine: Engine) -> None:
     engine.flush_cache()
     prompt = PROMPTS[5]
