@@ -72,7 +72,7 @@ class Req:
     admitted_once: bool = False
     num_retractions: int = 0
     # output tokens the grammar forced (jump-forward) rather than a decode step sampled; charged as
-    # extend tokens (w_in) when their KV is computed
+    # extend tokens (w_in) when the grammar appends them
     forced_tokens: int = 0
 
     input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -99,7 +99,7 @@ class Req:
     @property
     def pending_extend(self) -> int:
         """Tokens past the next decode input whose KV is not computed: forced (jump-forward) tokens
-        appended after the last sampled one, which an extend pass computes before decoding goes on."""
+        appended after the last sampled one, which the next decode pass computes with it."""
         return max(0, len(self.origin_input_ids) + len(self.output_ids) - 1 - self.kv_len)
 
     @property
