@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     from radixfair.bench import calibrate
 
     calibrate.add_parser(bsub)
+    from radixfair.bench import structured_bench
+
+    structured_bench.add_parser(bsub)
     return p
 
 

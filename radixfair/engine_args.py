@@ -15,6 +15,9 @@ from radixfair.sched.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 from radixfair.sched.scheduler import SchedulerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# structured outputs: the grammar libraries (README, "Structured outputs", says why llguidance is the default)
+GRAMMAR_BACKENDS = ("llguidance", "xgrammar", "outlines", "none")
+DEFAULT_GRAMMAR_BACKEND = "llguidance"
 
 
 def parse_client_weights(text: str) -> dict[str, float]:
@@ -68,6 +71,12 @@ class EngineArgs:
     max_logprob_entries: int = flag(RequestLimits.max_logprob_entries,
                                     "logprob values one request may return: (prompt positions from "
                                     "logprob_start_len + max_new_tokens) x (1 + top_logprobs_num), summed")
+    grammar_backend: str = flag(DEFAULT_GRAMMAR_BACKEND, "library for structured outputs (regex, json_schema, "
+                                "ebnf); none: refuse constrained requests", choices=GRAMMAR_BACKENDS)
+    disable_regex_jump_forward: bool = flag(False, "sample every token of a constrained output, even where the "
+                                                   "grammar allows only one continuation")
+    grammar_compile_timeout: float = flag(10.0, "seconds a request's grammar may take to compile before the "
+                                                "request is refused")
     random_seed: int = flag(0, "seed of torch's generator")
     num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
     # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle

@@ -126,6 +126,7 @@ class TokenizedRequest:
     request: EngineRequest
     input_ids: tuple[int, ...]
     sampling_params: SamplingParams
+    grammar: object | None = None  # engine-private: the compiled output constraint, if any
 
     @property
     def rid(self) -> str:
@@ -144,6 +145,8 @@ class EngineOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # so far
     cached_tokens: int = 0  # prompt tokens served from the radix cache
+    # of completion_tokens, those a grammar forced (jump-forward): computed as extend tokens, charged w_in
+    forced_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: RequestError | None = None
     ttft: float | None = None  # seconds from arrival to the first output token
@@ -166,6 +169,7 @@ class RequestResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    forced_tokens: int = 0
     finish_reason: FinishReason | None = None
     error: RequestError | None = None
     ttft: float | None = None
@@ -181,6 +185,7 @@ class RequestResult:
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         self.cached_tokens = out.cached_tokens
+        self.forced_tokens = out.forced_tokens
         self.finish_reason = out.finish_reason
         self.error = out.error
         self.ttft = out.ttft
@@ -203,6 +208,8 @@ class RequestResult:
         }
         if self.ttft is not None:
             meta["ttft"] = self.ttft
+        if self.forced_tokens:
+            meta["jump_forward_tokens"] = self.forced_tokens
         if self.return_logprob and logprobs:
             meta["input_token_logprobs"] = [logprob_entry(x) for x in self.input_logprobs]
             meta["output_token_logprobs"] = [logprob_entry(x) for x in self.output_logprobs]

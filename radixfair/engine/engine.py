@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from radixfair.engine.constrained.base import Grammar
+from radixfair.engine.constrained.grammar_manager import GrammarManager, make_backend
 from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
 from radixfair.engine.loaders import inspect_model, load_state_dict, open_gguf
 from radixfair.engine.model_runner import (
@@ -112,6 +114,12 @@ class Engine:
             Tokenizer.from_gguf(open_gguf(files.path)) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
         )
         self.device = select_device(args.device)
+        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(files.config.eos_token_ids)))
+        # before the model loads: a grammar library that is not installed should fail fast
+        self.grammar = GrammarManager(
+            make_backend(args.grammar_backend, self.tokenizer, files.config.vocab_size, self.eos_token_ids),
+            self.tokenizer, files.config.vocab_size, self.eos_token_ids, self.device,
+            jump_forward=not args.disable_regex_jump_forward, compile_timeout_s=args.grammar_compile_timeout)
         if self.device.type == "cpu":
             tune_malloc_for_cpu_inference()
         self.dtype = select_dtype(args.dtype, self.device, files.config)
@@ -133,7 +141,8 @@ class Engine:
             self.device,
         )
         del state
-        self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(files.config.eos_token_ids)))
+        if self.grammar.backend is not None:
+            self.runner.token_masks = self.grammar.masks
         self.scheduler_config = args.scheduler_config(max_total, self.context_len)
         self.scheduler = Scheduler(self.scheduler_config, policy)
         self._inbox: queue.Queue[Any] = queue.Queue()
@@ -195,7 +204,8 @@ class Engine:
         fitted = fit_max_new_tokens(len(ids), sp.max_new_tokens, self.scheduler_config)
         if fitted != sp.max_new_tokens:
             sp = sp.replace(max_new_tokens=fitted, min_new_tokens=min(sp.min_new_tokens, fitted))
-        return TokenizedRequest(req, ids, sp)
+        grammar = self.grammar.check(sp)  # compiled here, off the engine thread (cached by its text)
+        return TokenizedRequest(req, ids, sp, grammar)
 
     def submit(self, treq: TokenizedRequest, sink: Sink) -> None:
         """Queue `treq`; its outputs go to `sink`, called on the engine thread (it must be quick; what
@@ -336,6 +346,7 @@ class Engine:
         self._stopped = True
         self._inbox.put(_STOP)
         self._thread.join(timeout=30)
+        self.grammar.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -398,6 +409,11 @@ class Engine:
             detokenizer=self.tokenizer.incremental_detokenizer(treq.input_ids,
                                                                skip_special_tokens=sp.skip_special_tokens),
         )
+        if treq.grammar is not None and sp.max_new_tokens > 0:
+            constraint = self.grammar.constraint(cast(Grammar, treq.grammar), r.return_logprob)
+            sub.req.constraint = constraint
+            # what the grammar forces before the first sample is computed with the prompt
+            sub.req.append_forced(constraint.start())
         self._subs[key] = sub
         self.scheduler.add_request(sub.req)
 
@@ -473,6 +489,7 @@ class Engine:
             prompt_tokens=len(req.origin_input_ids),
             completion_tokens=n_out,
             cached_tokens=req.cached_tokens,
+            forced_tokens=req.forced_tokens,
             finish_reason=req.finish_reason if finished else None,
             error=sub.error,
             ttft=None if req.first_token_time is None else req.first_token_time - req.arrival_time,

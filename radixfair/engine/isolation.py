@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from radixfair.engine.constrained.mask import TokenMask
 from radixfair.engine.sampler import Sampler, SampleResult
 from radixfair.sched.request import Req
 
@@ -16,12 +17,13 @@ logger = logging.getLogger(__name__)
 SAMPLING_FAILED = "internal error while sampling"
 
 
-def sample_isolated(sampler: Sampler, logits: torch.Tensor, reqs: list[Req]) -> tuple[SampleResult, dict[int, str]]:
-    """`sampler.sample(logits, reqs)`; if the batched call raises, every row again on its own, so that
-    only the rows that fail alone are lost. Returns the result (token -1 for a failed row) and the
-    failed rows' indices with the message their requests end with (details go to the log)."""
+def sample_isolated(sampler: Sampler, logits: torch.Tensor, reqs: list[Req],
+                    mask: TokenMask | None = None) -> tuple[SampleResult, dict[int, str]]:
+    """`sampler.sample(logits, reqs, mask)`; if the batched call raises, every row again on its own,
+    so that only the rows that fail alone are lost. Returns the result (token -1 for a failed row)
+    and the failed rows' indices with the message their requests end with (details go to the log)."""
     try:
-        return sampler.sample(logits, reqs), {}
+        return sampler.sample(logits, reqs, mask), {}
     except Exception:
         logger.exception("batched sampling of %d rows failed; sampling row by row", len(reqs))
     tokens: list[int] = []
@@ -31,7 +33,7 @@ def sample_isolated(sampler: Sampler, logits: torch.Tensor, reqs: list[Req]) -> 
     failed: dict[int, str] = {}
     for i, req in enumerate(reqs):
         try:
-            one = sampler.sample(logits[i : i + 1], [req])
+            one = sampler.sample(logits[i : i + 1], [req], None if mask is None else mask.for_row(i))
         except Exception:
             logger.exception("sampling failed for request %s", req.rid)
             failed[i] = SAMPLING_FAILED

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from radixfair.engine.constrained.mask import TokenMask
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
@@ -16,6 +18,7 @@ from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
 from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
+from radixfair.sched.request import Req
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ CASCADE_MIN_SAVED_TOKENS = 8192
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 4  # requests
 GROUP_OVERHEAD_TOKENS = 2048
+# the token masks of the constrained requests among those that sample (structured outputs)
+MaskFn = Callable[[Sequence[Req]], TokenMask | None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,6 +121,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
+        self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
 
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""
@@ -127,7 +133,10 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> BatchOutput:
         fb = self._prepare(batch)
         logits = self.model(fb, self.kv)
-        return self._postprocess(batch, logits)
+        # after the launch: on an asynchronous device the masks are computed while the model runs
+        masks = self.token_masks
+        mask = masks([r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]) if masks else None
+        return self._postprocess(batch, logits, mask)
 
     # ---- batch preparation ---------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
@@ -139,13 +148,20 @@ class ModelRunner:
         out_slots = self._tensor(batch.out_slots)
         if batch.mode is BatchMode.DECODE:
             rows = self._tensor(batch.rows)
+            logits_index = torch.arange(len(batch.reqs), device=self.device)
+            if len(batch.input_ids) != len(batch.reqs):
+                # requests with forced (jump-forward) tokens have one query row per token, each
+                # attending to its own causal length through the table: decode rows like any other
+                counts = self._tensor(batch.extend_lens)
+                rows = rows.repeat_interleave(counts)
+                logits_index = torch.cumsum(counts, 0) - 1
             table[rows, positions] = out_slots
             return ForwardBatch(
                 mode=ForwardMode.DECODE,
                 input_ids=input_ids,
                 positions=positions,
                 out_slots=out_slots,
-                logits_index=torch.arange(len(batch.reqs), device=self.device),
+                logits_index=logits_index,
                 decode_groups=self._decode_groups(batch, rows),
             )
         seqs: list[PrefillSeq] = []
@@ -183,6 +199,8 @@ class ModelRunner:
 
     def _decode_groups(self, batch: ScheduledBatch, rows: torch.Tensor) -> list[DecodeGroup]:
         """Requests sharing a long prefix form cascade groups; the rest are split by length."""
+        if len(rows) != len(batch.reqs):  # forced tokens: rows are tokens, cascade groups are requests
+            return self._length_groups(batch, rows, None)
         groups, rest = self._cascade_groups(batch, rows)
         if not groups:
             return self._length_groups(batch, rows, None)
@@ -274,7 +292,7 @@ class ModelRunner:
         return DecodeGroup(idx, kv_index, kv_mask)
 
     # ---- sampling and logprobs -----------------------------------------------------------------
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> BatchOutput:
+    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, mask: TokenMask | None = None) -> BatchOutput:
         n = len(batch.reqs)
         next_ids = [-1] * n
         next_lps: list[float | None] = [None] * n
@@ -302,7 +320,7 @@ class ModelRunner:
                 offset += 1
         if sample_reqs:
             rows = logits if len(sample_rows) == logits.shape[0] else logits[self._tensor(np.asarray(sample_rows))]
-            res, failed_rows = sample_isolated(self.sampler, rows, sample_reqs)
+            res, failed_rows = sample_isolated(self.sampler, rows, sample_reqs, mask)
             j = 0
             for i in range(n):
                 if batch.sample[i]:

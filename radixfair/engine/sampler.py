@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixfair.engine.constrained.mask import TokenMask, apply_token_mask
 from radixfair.sched.request import Req
 
 
@@ -37,11 +38,16 @@ class Sampler:
             self._generators[req.rid] = g
         return g
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
-        """`logits`: float32 `[len(reqs), vocab]` for the rows that sample."""
+    def sample(self, logits: torch.Tensor, reqs: list[Req], mask: TokenMask | None = None) -> SampleResult:
+        """`logits`: float32 `[len(reqs), vocab]` for the rows that sample; `mask`: the grammar's
+        allowed tokens for the constrained ones among them (applied after the penalties, before
+        temperature and the top-k/p/min-p cuts; logprobs stay the model's own)."""
         want_lp = any(r.return_logprob for r in reqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        unbanned = logits
         logits = self._apply_penalties(logits, reqs)
+        if mask is not None:
+            apply_token_mask(logits, mask, unbanned)
         params = [r.sampling_params for r in reqs]
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)

@@ -22,7 +22,9 @@ class BatchMode(enum.Enum):
 class ScheduledBatch:
     mode: BatchMode
     reqs: list[Req]
-    input_ids: IntArray  # flat: every request's extend tokens (prefill) or its last token (decode)
+    # flat: every request's extend tokens (prefill) or its last token (decode; also the tokens a
+    # grammar forced after it, where extend_lens > 1: see Scheduler._decode_with_forced_tokens)
+    input_ids: IntArray
     positions: IntArray  # flat, absolute position of each input token
     out_slots: IntArray  # flat, KV slot each input token is written to
     rows: IntArray  # [B] req_to_token rows

@@ -100,6 +100,17 @@ class KVManager:
             req.slots = req.concat_slots(req.slots, new[i : i + 1])
         return new
 
+    def extend(self, reqs: list[Req], counts: list[int]) -> SlotArray:
+        """`counts[i]` more slots for `reqs[i]`, in one allocation (a decode step in which some
+        requests also compute forced tokens); the caller made room first."""
+        new = self.alloc(sum(counts))
+        assert new is not None, "ensure_free guaranteed the slots"
+        off = 0
+        for req, n in zip(reqs, counts, strict=True):
+            req.slots = req.concat_slots(req.slots, new[off : off + n])
+            off += n
+        return new
+
     def discard_uncomputed(self, req: Req, computed: int) -> None:
         """Free the slots past the first `computed` (a pass that never ran)."""
         if req.kv_len > computed:

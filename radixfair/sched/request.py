@@ -17,6 +17,7 @@ from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from radixfair.cache.prefix_tree import TreeNode
+    from radixfair.sched.constraint import TokenConstraint
 
 
 class Detokenizer(Protocol):
@@ -50,6 +51,7 @@ class Req:
     logprob_start_len: int = -1  # -1: no prompt logprobs
     top_logprobs_num: int = 0
     detokenizer: Detokenizer | None = None
+    constraint: TokenConstraint | None = None  # structured outputs: the grammar the output must match
 
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
@@ -70,6 +72,9 @@ class Req:
     admitted_once: bool = False
     num_retractions: int = 0
     error: str | None = None  # set when the server failed this request (not the client's doing)
+    # output tokens the grammar forced (jump-forward) rather than a decode step sampled; charged as
+    # extend tokens (w_in) when the grammar appends them
+    forced_tokens: int = 0
 
     input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -91,6 +96,12 @@ class Req:
     @property
     def kv_len(self) -> int:
         return len(self.slots)
+
+    @property
+    def pending_extend(self) -> int:
+        """Tokens past the next decode input whose KV is not computed: forced (jump-forward) tokens
+        appended after the last sampled one, which the next decode pass computes with it."""
+        return max(0, len(self.origin_input_ids) + len(self.output_ids) - 1 - self.kv_len)
 
     @property
     def prompt_logprobs_wanted(self) -> bool:
@@ -118,9 +129,39 @@ class Req:
         return text
 
     def append_token(self, token_id: int) -> None:
-        """Add one sampled token and decide whether the request is now finished."""
+        """Add one sampled token and decide whether the request is now finished. Under a constraint
+        the grammar advances over it and may force a continuation (jump-forward), appended too."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+        c = self.constraint
+        if c is None:
+            self._append(token_id)
+            return
+        if not c.accept(token_id):
+            self.abort(f"the output grammar rejected the sampled token {token_id}")
+            return
+        jf = c.jump_forward(token_id)
+        tokens = [token_id] if jf is None else list(jf.tokens) if jf.replace_last else [token_id, *jf.tokens]
+        for i, t in enumerate(tokens):
+            if i > 0:
+                self.forced_tokens += 1
+            self._append(t)
+            if self.finished:
+                return
+        if c.is_terminated():
+            self.finish(FinishReason("stop", matched=tokens[-1]))
+
+    def append_forced(self, tokens: Sequence[int]) -> None:
+        """Tokens the grammar forces before anything is sampled (the constraint accepted them)."""
+        for t in tokens:
+            self.forced_tokens += 1
+            self._append(t)
+            if self.finished:
+                return
+        if self.constraint is not None and self.constraint.is_terminated():
+            self.finish(FinishReason("stop", matched=self.output_ids[-1] if self.output_ids else None))
+
+    def _append(self, token_id: int) -> None:
         self.output_ids.append(token_id)
         sp = self.sampling_params
         n = len(self.output_ids)

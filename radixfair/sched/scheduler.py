@@ -297,12 +297,15 @@ class Scheduler:
         first = not req.admitted_once
         if first:
             req.admitted_once = True
-            req.cached_tokens = req.prefix_len
+            # a prefix may cover output tokens the grammar forced before the first sample
+            req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
             req.charged_upto = req.prefix_len
             self._counters.input_tokens += len(req.origin_input_ids)
-            self._counters.cached_tokens += req.prefix_len
-        self._charge(req, req.prefix_len if first else 0, first)
+            self._counters.cached_tokens += req.cached_tokens
+        self._charge(req, req.cached_tokens if first else 0, first)
         req.status = ReqStatus.RUNNING
+        if not first and req.constraint is not None:
+            req.constraint.resume(req.output_ids)
         return True
 
     def _charge(self, req: Req, cached_len: int, first: bool) -> None:
@@ -363,10 +366,12 @@ class Scheduler:
         return targets - 1 - start, np.asarray(prompt[first_t : last_t + 1], dtype=np.int64)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        self._make_room(len(self.running))
+        self._make_room(sum(1 + r.pending_extend for r in self.running))
         if not self.running:
             return None
         reqs = list(self.running)
+        if any(r.pending_extend for r in reqs):
+            return self._decode_with_forced_tokens(reqs)
         positions = np.asarray([r.kv_len for r in reqs], dtype=np.int64)
         ids = np.asarray([r.output_ids[-1] for r in reqs], dtype=np.int64)
         new = self.kv.extend_by_one(reqs)
@@ -385,6 +390,36 @@ class Scheduler:
             extend_lens=np.ones(len(reqs), dtype=np.int64),
             sample=[True] * len(reqs),
             row_slots=[r.slots for r in reqs],  # lets the executor find prefixes the batch shares
+        )
+
+    def _decode_with_forced_tokens(self, reqs: list[Req]) -> ScheduledBatch:
+        """A decode step in which requests whose grammar forced tokens after their last sampled one
+        (jump-forward) compute those as extend tokens: several query tokens for such a request, each
+        attending causally to its prefix, in the same pass as the others' single decode tokens, so
+        nobody waits a pass for them. They were charged (w_in) when the grammar appended them."""
+        counts = [1 + r.pending_extend for r in reqs]
+        starts = [r.kv_len for r in reqs]
+        ids: list[int] = []
+        for r, start, n in zip(reqs, starts, counts, strict=True):
+            fill = r.fill_ids
+            ids.extend(fill[start : start + n])
+        new = self.kv.extend(reqs, counts)
+        for req in reqs:
+            req.charged_upto = max(req.charged_upto, req.kv_len)
+        self._counters.prefill_tokens += sum(counts) - len(reqs)
+        self.new_token_ratio = max(self.config.min_new_token_ratio, self.new_token_ratio - self.config.new_token_ratio_decay)
+        return ScheduledBatch(
+            row_updates=self.kv.take_row_updates(),
+            mode=BatchMode.DECODE,
+            reqs=reqs,
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, counts, strict=True)]),
+            out_slots=new,
+            rows=np.asarray([r.row for r in reqs], dtype=np.int64),
+            prefix_lens=np.asarray(starts, dtype=np.int64),
+            extend_lens=np.asarray(counts, dtype=np.int64),
+            sample=[True] * len(reqs),
+            row_slots=[r.slots for r in reqs],
         )
 
     def _make_room(self, need: int) -> None:
@@ -411,14 +446,16 @@ class Scheduler:
                 return
             victim = self.policy.retract_victim(self.running)
             self.running.remove(victim)
+            need -= 1 + victim.pending_extend
             self._retract(victim)
-            need -= 1
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the queue; its progress stays in the tree if enabled."""
         self._counters.retractions += 1
         req.num_retractions += 1
         self.kv.release(req)
+        if req.constraint is not None:
+            req.constraint.suspend()
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.3)
@@ -453,6 +490,7 @@ class Scheduler:
             if req.sampling_params.max_new_tokens == 0:
                 req.finish(FinishReason("length", length=0))
             else:
+                forced_before = req.forced_tokens
                 try:
                     req.append_token(token)
                 except Exception:
@@ -462,6 +500,13 @@ class Scheduler:
                     req.fail("internal error while decoding the output")
                 self.policy.on_decode(req, 1)
                 self._counters.decode_tokens += 1
+                forced = req.forced_tokens - forced_before
+                if forced:
+                    # tokens the grammar forced after the sampled one (jump-forward) are charged as
+                    # extend tokens (w_in) as they are appended, as a sampled token is (w_out); the
+                    # extend pass that computes them, or a re-prefill after retraction, adds nothing
+                    self.policy.on_admit(req, forced, 0)
+                    req.charged_upto = len(req.origin_input_ids) + len(req.output_ids)
             if batch.mode is BatchMode.PREFILL:
                 if self.chunked_req is req:
                     self.chunked_req = None

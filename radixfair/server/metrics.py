@@ -146,8 +146,10 @@ class ServerMetrics:
         """Count one request's final output (it carries the request's totals)."""
         fr = out.finish_reason.type if out.finish_reason is not None else "unknown"
         prompt, cached, output = out.prompt_tokens, out.cached_tokens, out.completion_tokens
+        # output tokens a grammar forced (jump-forward) are computed, and charged, as extend tokens
+        forced = out.forced_tokens
         self.clients.add(client, fr, prompt, output, cached,
-                         charged_service(max(prompt - cached, 0), output, self.w_in, self.w_out))
+                         charged_service(max(prompt - cached, 0) + forced, output - forced, self.w_in, self.w_out))
         if out.ttft is not None:
             self.ttft.observe(out.ttft)
         self.e2e.observe(out.e2e_latency)

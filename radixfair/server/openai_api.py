@@ -30,7 +30,8 @@ from radixfair.server.streaming import SSE_DONE, collect, error_event, merge_str
 router = APIRouter()
 
 # OpenAI names of the engine's fields, so that an error names what the caller actually sent
-_RENAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "prompt", "input_ids": "prompt"}
+_RENAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "prompt", "input_ids": "prompt",
+            "json_schema": "response_format"}
 
 
 def rename_fields(message: str) -> str:
@@ -73,6 +74,28 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def response_format_schema(fmt: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """OpenAI's `response_format` as the engine's `json_schema`: `{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}` constrains to the schema, `{"type": "json_object"}`
+    to any JSON object, `{"type": "text"}` (or none) to nothing."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError("response_format: json_schema.schema must be a JSON schema object",
+                           param="response_format")
+        return schema
+    raise APIError(f"response_format: type must be text, json_object or json_schema (got {kind!r})",
+                   param="response_format")
+
+
 def engine_requests(body: CompletionRequest | ChatCompletionRequest, client: str, max_tokens: int | None,
                     text: str | list[str] | None, input_ids: list[int] | list[list[int]] | None,
                     return_logprob: bool, top_logprobs_num: int,
@@ -95,6 +118,9 @@ def engine_requests(body: CompletionRequest | ChatCompletionRequest, client: str
         "skip_special_tokens": body.skip_special_tokens,
         "seed": body.seed,
         "n": body.n,
+        "json_schema": response_format_schema(body.response_format),
+        "regex": body.regex,
+        "ebnf": body.ebnf,
     }
     try:
         raw = {k: v for k, v in p.items() if v is not None}

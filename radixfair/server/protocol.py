@@ -114,6 +114,10 @@ class _OpenAISampling(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     rid: Text | None = None
+    # structured outputs: OpenAI's response_format, and SGLang's regex / ebnf extensions
+    response_format: dict[str, Any] | None = None
+    regex: Text | None = None
+    ebnf: Text | None = None
 
 
 class CompletionRequest(_OpenAISampling):
