@@ -321,10 +321,10 @@ def test_one_rows_sampling_failure_fails_only_that_request(server: LiveServer, e
     sampler = engine.runner.sampler
     orig = sampler.sample
 
-    def sample(logits: Any, reqs: list[Any]) -> Any:
+    def sample(logits: Any, reqs: list[Any], mask: Any = None) -> Any:
         if any(r.sampling_params.seed == 666 and len(r.output_ids) >= 5 for r in reqs):
             raise RuntimeError("poisoned row")
-        return orig(logits, reqs)
+        return orig(logits, reqs, mask)
 
     monkeypatch.setattr(sampler, "sample", sample)
     engine.wait_idle(timeout=20)

@@ -430,3 +430,30 @@ def test_categorical_inverse_cdf_draws() -> None:
     assert set(got) == {1, 3, 4}
     for tok, p in ((1, 0.5), (3, 0.25), (4, 0.25)):
         assert abs(got[tok] / n - p) < 0.01  # ~4.5 standard deviations
+
+
+def test_row_by_row_retry_keeps_each_rows_grammar_mask() -> None:
+    """When a batched draw fails and the rows are sampled one at a time, a constrained row still gets
+    its own mask (and only its own)."""
+    from radixfair.engine.constrained.mask import TokenMask
+    from radixfair.engine.isolation import sample_isolated
+
+    sampler = Sampler(CPU)
+    real = sampler.sample
+    calls: list[int] = []
+
+    def flaky(logits: torch.Tensor, reqs: list[Req], mask: TokenMask | None = None) -> Any:
+        calls.append(len(reqs))
+        if len(reqs) > 1:
+            raise RuntimeError("the batched draw fails")
+        return real(logits, reqs, mask)
+
+    sampler.sample = flaky  # type: ignore[method-assign]
+    logits = torch.zeros(3, 10)
+    logits[:, 7] = 50.0  # every row's argmax is 7
+    allowed = torch.zeros(1, 10, dtype=torch.bool)
+    allowed[0, 5] = True
+    mask = TokenMask(torch.tensor([1]), allowed)  # only row 1 is constrained: token 5
+    res, failed = sample_isolated(sampler, logits, [mkreq(temperature=0.0) for _ in range(3)], mask)
+    assert calls == [3, 1, 1, 1] and failed == {}
+    assert res.token_ids == [7, 5, 7]
