@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import asdict
@@ -11,7 +13,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from radixfair.io_struct import ErrorKind, RequestResult, TokenizedRequest, build_requests, result_for
+from radixfair.io_struct import (
+    ErrorKind,
+    RequestResult,
+    TokenizedRequest,
+    build_requests,
+    default_input_logprobs,
+    result_for,
+)
 from radixfair.server.auth import client_of
 from radixfair.server.errors import APIError, error_body, param_of
 from radixfair.server.protocol import AbortRequest, GenerateRequest
@@ -74,10 +83,26 @@ async def health_generate(request: Request, state: State) -> Response:
     return Response(status_code=200)
 
 
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
+
+
+def model_name_of(path: str) -> str:
+    """A model's name from its path: the folder's name, or the GGUF file's without its quantization
+    tag (`.../SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.lower().endswith(".gguf"):
+        name = _QUANT_SUFFIX.sub("", name[: -len(".gguf")])
+    return name or path
+
+
 @router.get("/get_model_info")
 async def get_model_info(state: State) -> dict[str, Any]:
-    path = state.engine.model_path
-    return {"model_path": path, "tokenizer_path": path, "is_generation": True}
+    # SGLang's frontend picks its chat template by matching `model_path` against model names, so it
+    # carries the name, not a filesystem path; radixfair's frontend renders roles with the model's
+    # own template and the special tokens it reads
+    tok = state.engine.tokenizer
+    return {"model_path": model_name_of(state.engine.model_path), "tokenizer_path": state.engine.model_path,
+            "is_generation": True, "chat_template": tok.chat_template, "special_tokens": tok.special_token_strings()}
 
 
 @router.get("/get_server_info")
@@ -118,6 +143,14 @@ def flush_cache(state: State) -> Response:
     return JSONResponse({"message": "cache flushed"})
 
 
+@router.post("/concate_and_append_request")
+async def concate_and_append_request() -> dict[str, Any]:
+    # SGLang's frontend calls this after `join(mode="concate_and_append")` to join the branches' KV
+    # caches. SGLang's own server no longer has it and neither does this one: the frontend has
+    # already appended the branches' text, and the next request finds that text's prefix cached.
+    return {"success": True}
+
+
 @router.post("/abort_request")
 async def abort_request(body: AbortRequest, state: State) -> dict[str, Any]:
     state.engine.abort(body.rid)
@@ -140,10 +173,11 @@ async def generate(body: GenerateRequest, request: Request, state: State) -> Res
     if body.stream:
         return StreamingResponse(_native_stream(state, treqs, client, token_text), media_type="text/event-stream")
     results = await collect(state, treqs, client, request)
-    for res in results:
+    for res, treq in zip(results, treqs, strict=True):
         msg = refused(res)
         if msg:
             raise APIError(msg, param=param_of(msg, "rid" if "request id" in msg else None))
+        res.input_logprobs[:0] = default_input_logprobs(treq)
     out = [native_result(r, token_text) for r in results]
     return JSONResponse(out[0] if single and len(out) == 1 else out)
 
@@ -152,6 +186,8 @@ async def _native_stream(state: ServerState, treqs: list[TokenizedRequest], clie
                          token_text: Callable[[int], str] | None) -> AsyncIterator[bytes]:
     """SGLang's stream: each chunk carries the cumulative text and meta_info of one request."""
     results = [result_for(t.request) for t in treqs]
+    for res, treq in zip(results, treqs, strict=True):
+        res.input_logprobs.extend(default_input_logprobs(treq))
     async with aclosing(merge_streams(state, treqs, client)) as stream:
         async for i, out in stream:
             results[i].add(out)
