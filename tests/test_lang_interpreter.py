@@ -13,8 +13,17 @@ import pytest
 
 import radixfair as sgl
 from radixfair.lang import Backend, BackendError, ChoicesDecision, ChoicesSamplingMethod
-from radixfair.lang.chat_template import ChatTemplate, JinjaChatTemplate, get_chat_template, model_chat_template
-from radixfair.lang.choices import greedy_token_selection, token_length_normalized, unconditional_likelihood_normalized
+from radixfair.lang.chat_template import (
+    ChatTemplate,
+    JinjaChatTemplate,
+    get_chat_template,
+    model_chat_template,
+)
+from radixfair.lang.choices import (
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
 from radixfair.lang.interpreter import StreamExecutor
 from radixfair.lang.ir import REGEX_INT, GenParams
 from radixfair.lang.tracer import extract_prefix
@@ -197,9 +206,8 @@ def test_var_scope_roles_and_messages() -> None:
         s += sgl.system("Use tools.")
         with s.user():
             s += q
-        with s.assistant():
-            with s.var_scope("call"):
-                s += "search(" + sgl.gen("query") + ")"
+        with s.assistant(), s.var_scope("call"):
+            s += "search(" + sgl.gen("query") + ")"
         s += sgl.user_begin() + "ok" + sgl.user_end()
         s += sgl.assistant_begin()
         s += sgl.select("verdict", choices=["done", "again"])
@@ -299,7 +307,7 @@ def test_state_variables_bind_and_run_batch(capfd: pytest.CaptureFixture[str]) -
     assert [s.text().split("<")[0] for s in states] == [f"Hello n{i}" for i in range(20)]
     assert "20/20" in capfd.readouterr().err
     assert [s.text() for s in greet.run_batch([["x"], ["y", "Yo"]], backend=backend)][1].startswith("Yo y<")
-    with pytest.raises(TypeError, match="takes 1..2"):
+    with pytest.raises(TypeError, match=r"takes 1\.\.2"):
         greet.run_batch([["a", "b", "c"]], backend=backend)
     gen_states = greet.run_batch([{"name": "g"}] * 3, backend=backend, generator_style=True)
     assert [s.text()[:7] for s in gen_states] == ["Hello g"] * 3
