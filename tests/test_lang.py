@@ -9,12 +9,16 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI, Request
 from fixtures.lang_programs import FEW_SHOT, programs
 from fixtures.live_server import LiveServer, free_port
 
@@ -305,3 +309,44 @@ def test_server_pieces_sglangs_frontend_needs(server: LiveServer, engine: Engine
     assert model_name_of("/m/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
     assert model_name_of("/m/Llama-3.2-1B-Instruct-Q8_0.gguf") == "Llama-3.2-1B-Instruct"
     assert model_name_of("/models/Qwen2.5-0.5B-Instruct/") == "Qwen2.5-0.5B-Instruct"
+
+
+def test_endpoint_reuses_connections_and_retries_one_the_server_closed() -> None:
+    app = FastAPI()
+    peers: set[Any] = set()
+
+    @app.get("/get_model_info")
+    async def info(request: Request) -> dict[str, Any]:
+        peers.add(request.client)
+        return {"model_path": "m"}
+
+    @app.post("/generate")
+    async def generate(request: Request) -> dict[str, Any]:
+        peers.add(request.client)
+        body = await request.json()
+        return {"text": "!" * body["sampling_params"]["max_new_tokens"], "meta_info": {"prompt_tokens": 1}}
+
+    port = free_port()
+    # the server drops a connection idle for 0.3 s, as uvicorn does after its keep-alive timeout
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_keep_alive=0.3))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        backend = sgl.RuntimeEndpoint(f"http://127.0.0.1:{port}")
+
+        @sgl.function
+        def two(s: Any) -> None:
+            s += "a" + sgl.gen("x", max_tokens=2) + sgl.gen("y", max_tokens=3)
+
+        assert two.run(backend=backend).text() == "a!!!!!"
+        assert len(peers) == 1  # one connection carried all three requests
+        time.sleep(0.8)  # the server has closed it by now
+        assert two.run(backend=backend).text() == "a!!!!!"
+        assert len(peers) == 2
+        backend.shutdown()
+    finally:
+        server.should_exit = True
+        thread.join(10)
