@@ -343,13 +343,13 @@ def _reset(url: str) -> None:
         raise RuntimeError(f"cannot flush the server's cache: {r.text}")
 
 
-def _tokenizer(url: str) -> Any:
-    import httpx
-
+def _tokenizer(model: str | None) -> Any:
+    """The served model's tokenizer, from the same model argument the servers get (to size prompts)."""
+    from radixfair.engine.loaders import inspect_model
     from radixfair.tokenizer import Tokenizer
 
-    path = httpx.get(url + "/get_model_info", timeout=60).json()["tokenizer_path"]
-    return Tokenizer.from_gguf(path) if str(path).endswith(".gguf") else Tokenizer.from_hf_dir(path)
+    files = inspect_model(model)
+    return Tokenizer.from_gguf(files.path) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
 
 
 def measure(url: str, mode: str, program: str, wl: Workload, sizes: Sizes) -> dict[str, Any]:
@@ -383,15 +383,13 @@ def main(ns: argparse.Namespace) -> int:
             raise ValueError(f"--programs: unknown program {p!r}; choose from {', '.join(PROGRAMS)}")
     args = EngineArgs(**flag_values(EngineArgs, ns, only=ENGINE_FLAGS))
     rows: list[dict[str, Any]] = []
-    wl: Workload | None = None
+    wl = make_workload(_tokenizer(args.model), sizes, ns.seed)
     t_all = time.perf_counter()
     for disable, server_modes in ((False, [m for m in modes if m != "no_cache"]),
                                   (True, [m for m in modes if m == "no_cache"])):
         if not server_modes:
             continue
         with served(replace(args, disable_radix_cache=disable)) as url:
-            if wl is None:
-                wl = make_workload(_tokenizer(url), sizes, ns.seed)
             for program in progs:
                 for mode in server_modes:
                     row = measure(url, mode, program, wl, sizes)
