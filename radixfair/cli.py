@@ -178,12 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    from radixfair.bench import engine_bench, fairness_bench, prefix_bench, serve_bench
+    from radixfair.bench import engine_bench, fairness_bench, lang_bench, prefix_bench, serve_bench
 
     engine_bench.add_parser(bsub)
     prefix_bench.add_parser(bsub)
     fairness_bench.add_parser(bsub)
     serve_bench.add_parser(bsub)
+    lang_bench.add_parser(bsub)
     from radixfair.bench import sim_bench
 
     sim_bench.add_parser(bsub)

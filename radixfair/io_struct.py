@@ -229,6 +229,17 @@ def result_for(req: EngineRequest) -> RequestResult:
     return RequestResult(req.rid, return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num)
 
 
+def default_input_logprobs(treq: TokenizedRequest) -> tuple[TokenLogprob, ...]:
+    """SGLang's prompt logprobs for `return_logprob` without a `logprob_start_len`: its default start
+    is the last prompt position, and the first entry it returns never has a value, so one entry,
+    `(None, last prompt token)`. (SGLang's frontend reads one entry per prompt of an `input_ids`
+    batch.) Empty for any other request."""
+    r = treq.request
+    if r.return_logprob and r.logprob_start_len == -1 and treq.input_ids:
+        return (TokenLogprob(None, treq.input_ids[-1]),)
+    return ()
+
+
 def logprob_entry(x: TokenLogprob) -> tuple[float | None, int, None]:
     return (x.logprob, x.token_id, None)
 

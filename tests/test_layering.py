@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "radixfair"
 TORCH_FREE = ("radixfair.cache", "radixfair.sched", "radixfair.sim", "radixfair.metrics", "radixfair.tokenizer",
               "radixfair.io_struct", "radixfair.sampling_params", "radixfair.engine_args", "radixfair.config_flags",
-              "radixfair.router.policies")
+              "radixfair.router.policies", "radixfair.lang")
 # (importer, what it must never import): by the import statements in the importer's own files
 FORBIDDEN = [
     ("cache", "radixfair.sched"),
@@ -33,8 +33,12 @@ FORBIDDEN = [
     ("router/policies", "radixfair.sim"),
     ("router/policies", "fastapi"),
     ("router/policies", "httpx"),
+    ("lang", "radixfair.sched"),
+    ("lang", "radixfair.server"),
 ]
-CORE = ("cache", "sched", "sim", "metrics", "tokenizer", "engine", "server", "router")
+CORE = ("cache", "sched", "sim", "metrics", "tokenizer", "engine", "server", "router", "lang")
+# the only file of the language that may import the engine (lazily: only `Runtime` builds one)
+LANG_ENGINE_IMPORTER = "radixfair/lang/backend/inprocess.py"
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
@@ -75,6 +79,11 @@ def test_forbidden_imports(package: str, forbidden: str) -> None:
 @pytest.mark.parametrize("package", CORE)
 def test_no_core_package_imports_the_benchmarks(package: str) -> None:
     assert offenders(package, "radixfair.bench") == []
+
+
+def test_only_the_in_process_backend_imports_the_engine() -> None:
+    files = {o.split(" imports ")[0] for o in offenders("lang", "radixfair.engine")}
+    assert files == {LANG_ENGINE_IMPORTER}
 
 
 def test_the_scan_sees_imports() -> None:

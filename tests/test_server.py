@@ -142,7 +142,8 @@ def test_info_endpoints(http: httpx.Client, engine: Engine) -> None:
     assert http.get("/health").status_code == 200
     assert http.get("/health_generate").status_code == 200
     assert http.get("/get_model_info").json() == {
-        "model_path": engine.model_path, "tokenizer_path": engine.model_path, "is_generation": True}
+        "model_path": Path(engine.model_path).name, "tokenizer_path": engine.model_path, "is_generation": True,
+        "chat_template": engine.tokenizer.chat_template, "special_tokens": engine.tokenizer.special_token_strings()}
     info = http.get("/get_server_info").json()
     assert info["max_total_tokens"] == 4096 and info["schedule_policy"] == engine.args.schedule_policy
     load = http.get("/get_load").json()

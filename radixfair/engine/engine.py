@@ -41,6 +41,7 @@ from radixfair.io_struct import (
     RequestError,
     TokenizedRequest,
     build_requests,
+    default_input_logprobs,
     request_key,
     result_for,
 )
@@ -409,6 +410,8 @@ class Engine:
             detokenizer=self.tokenizer.incremental_detokenizer(treq.input_ids,
                                                                skip_special_tokens=sp.skip_special_tokens),
         )
+        # SGLang answers `return_logprob` without a start with one prompt entry, (None, last token)
+        sub.req.input_token_logprobs.extend(default_input_logprobs(treq))
         if treq.grammar is not None and sp.max_new_tokens > 0:
             constraint = self.grammar.constraint(cast(Grammar, treq.grammar), r.return_logprob)
             sub.req.constraint = constraint

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
@@ -49,10 +51,26 @@ async def health_generate(request: Request, state: State) -> Response:
     return Response(status_code=200)
 
 
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
+
+
+def model_name_of(path: str) -> str:
+    """A model's name from its path: the folder's name, or the GGUF file's without its quantization
+    tag (`.../SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.lower().endswith(".gguf"):
+        name = _QUANT_SUFFIX.sub("", name[: -len(".gguf")])
+    return name or path
+
+
 @router.get("/get_model_info")
 async def get_model_info(state: State) -> dict[str, Any]:
-    path = state.engine.model_path
-    return {"model_path": path, "tokenizer_path": path, "is_generation": True}
+    # SGLang's frontend picks its chat template by matching `model_path` against model names, so it
+    # carries the name, not a filesystem path; radixfair's frontend renders roles with the model's
+    # own template and the special tokens it reads
+    tok = state.engine.tokenizer
+    return {"model_path": model_name_of(state.engine.model_path), "tokenizer_path": state.engine.model_path,
+            "is_generation": True, "chat_template": tok.chat_template, "special_tokens": tok.special_token_strings()}
 
 
 @router.get("/get_server_info")
@@ -96,6 +114,14 @@ def flush_cache(request: Request, state: State) -> Response:
     except RuntimeError as e:
         raise APIError(f"cannot flush the cache now: {e}") from e
     return JSONResponse({"message": "cache flushed"})
+
+
+@router.post("/concate_and_append_request")
+async def concate_and_append_request() -> dict[str, Any]:
+    # SGLang's frontend calls this after `join(mode="concate_and_append")` to join the branches' KV
+    # caches. SGLang's own server no longer has it and neither does this one: the frontend has
+    # already appended the branches' text, and the next request finds that text's prefix cached.
+    return {"success": True}
 
 
 @router.post("/abort_request")

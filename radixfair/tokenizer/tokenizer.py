@@ -115,6 +115,22 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
 
+    def special_token_strings(self) -> dict[str, str]:
+        """The named special tokens as text (`bos_token`, `eos_token`, ...), the variables a chat
+        template reads besides the messages."""
+        # transformers exposes every named special token as a string; templates use bos_token most.
+        out: dict[str, str] = {}
+        for name, tid in (
+            ("bos_token", self.bos_token_id),
+            ("eos_token", self.eos_token_ids[0] if self.eos_token_ids else None),
+            ("unk_token", self.unk_token_id),
+            ("pad_token", self.pad_token_id),
+        ):
+            tok = self.id_to_token(tid) if tid is not None else None
+            if tok is not None:
+                out[name] = tok
+        return out
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -136,17 +152,7 @@ class Tokenizer:
                 )
             raise ValueError("This tokenizer has no chat template")
 
-        variables: dict[str, Any] = {}
-        # transformers exposes every named special token as a string; templates use bos_token most.
-        for name, tid in (
-            ("bos_token", self.bos_token_id),
-            ("eos_token", self.eos_token_ids[0] if self.eos_token_ids else None),
-            ("unk_token", self.unk_token_id),
-            ("pad_token", self.pad_token_id),
-        ):
-            tok = self.id_to_token(tid) if tid is not None else None
-            if tok is not None:
-                variables[name] = tok
+        variables: dict[str, Any] = self.special_token_strings()
         variables.update(kwargs)
         return render_chat_template(
             source, messages, add_generation_prompt=add_generation_prompt, tools=tools, variables=variables
