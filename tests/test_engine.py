@@ -515,9 +515,9 @@ def test_logprobs_match_transformers(engine: Engine, hf_model: Any) -> None:
     assert again["meta_info"]["cached_tokens"] == 4
     check_logprobs(again["meta_info"], prompt, out["output_ids"], ref, 5)
     assert "input_top_logprobs" not in again["meta_info"]
-    # no prompt logprobs unless asked
+    # without a start, SGLang's answer: one entry for the last prompt position, with no value
     plain = gen(engine, input_ids=prompt, sampling_params=greedy(6), return_logprob=True)
-    assert plain["meta_info"]["input_token_logprobs"] == []
+    assert [list(x) for x in plain["meta_info"]["input_token_logprobs"]] == [[None, prompt[-1], None]]
     assert len(plain["meta_info"]["output_token_logprobs"]) == 6
     assert "output_token_logprobs" not in gen(engine, input_ids=prompt, sampling_params=greedy(2))["meta_info"]
 
