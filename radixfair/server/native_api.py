@@ -50,20 +50,28 @@ async def health_generate(request: Request, state: State) -> Response:
 
 
 @router.get("/get_model_info")
+@router.get("/model_info")
 async def get_model_info(state: State) -> dict[str, Any]:
-    path = state.engine.model_path
-    return {"model_path": path, "tokenizer_path": path, "is_generation": True}
+    # SGLang's frontend picks its chat template by matching `model_path`: the model's name, never a path
+    names = state.engine.model_names
+    return {"model_path": names.source, "tokenizer_path": names.source, "served_model_name": names.served,
+            "is_generation": True}
 
 
 @router.get("/get_server_info")
+@router.get("/server_info")
 def get_server_info(request: Request, state: State) -> dict[str, Any]:
     # sync handler: get_stats waits on the scheduler thread, so it runs in the threadpool
     engine = state.engine
     args = asdict(engine.args)
-    if not operator_view(request):
+    operator = operator_view(request)
+    if not operator:
         args.pop("client_weights")  # names clients: for operators only
     info = dict(args)
-    info.update(model_path=engine.model_path, max_total_tokens=engine.max_total_tokens,
+    if operator:
+        info["model_file"] = engine.model_path  # the resolved file or folder: a detail of this machine
+    info.update(model_path=engine.model_names.source, served_model_name=engine.model_names.served,
+                max_total_tokens=engine.max_total_tokens,
                 context_length=engine.context_len, device=str(engine.device), dtype=str(engine.dtype),
                 vocab_size=engine.model_config.vocab_size, version=version(), auth=state.auth,
                 stats=engine.get_stats().to_dict())
