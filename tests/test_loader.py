@@ -49,6 +49,8 @@ def _save_tiny(
     args = {**TINY, "tie_word_embeddings": tie, **kw}
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**args))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{"head_dim": 32, **args}))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
     # Random init leaves norms at exactly 1 and biases at 0; randomize everything so that any mix-up of
@@ -77,8 +79,8 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dt
 
 @pytest.mark.parametrize(
     ("kind", "tie"),
-    [("llama", False), ("llama", True), ("qwen2", False)],
-    ids=["llama", "llama-tied", "qwen2"],
+    [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)],
+    ids=["llama", "llama-tied", "qwen2", "qwen3"],
 )
 def test_hf_folder_loads(tmp_path: Path, kind: str, tie: bool) -> None:
     sd = _save_tiny(tmp_path, kind, tie=tie)
@@ -88,15 +90,19 @@ def test_hf_folder_loads(tmp_path: Path, kind: str, tie: bool) -> None:
     c = files.config
     assert c.architecture == kind
     assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (256, 64, 128)
-    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 4, 2, 16)
+    head_dim = 32 if kind == "qwen3" else 16
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 4, 2, head_dim)
     assert c.tie_word_embeddings is tie
     assert c.attention_bias is (kind == "qwen2")
+    assert c.qk_norm is (kind == "qwen3")
     assert c.bos_token_id == 1 and c.eos_token_ids == (2,)
 
     state = load_state_dict(files, torch.float32)
     assert ("lm_head.weight" in state) is (not tie)
     if kind == "qwen2":
         assert "model.layers.1.self_attn.k_proj.bias" in state
+    if kind == "qwen3":
+        assert state["model.layers.1.self_attn.k_norm.weight"].shape == (head_dim,)
     _assert_same(state, sd, torch.float32)
 
 
@@ -151,8 +157,8 @@ def _raw_gguf_tensor(path: Path, name: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("kind", "tie"),
-    [("llama", False), ("llama", True), ("qwen2", False)],
-    ids=["llama", "llama-tied", "qwen2"],
+    [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)],
+    ids=["llama", "llama-tied", "qwen2", "qwen3"],
 )
 def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
     sd = _save_tiny(tmp_path / "hf", kind, tie=tie)
@@ -186,12 +192,13 @@ def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32 if kind == "qwen3" else 16,
         rms_norm_eps=pytest.approx(1e-6),  # type: ignore[arg-type]  # stored as float32
         rope_theta=hf_config.rope_theta,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         attention_bias=kind == "qwen2",
+        qk_norm=kind == "qwen3",
         bos_token_id=1,
         eos_token_ids=(2,),
         torch_dtype="float32",
