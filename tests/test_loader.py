@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures.gguf_writer import write_gguf
+from fixtures.tiny_models import KQuantModel
 
 from radixfair.engine.loaders import (
     DEFAULT_MODEL_FILENAME,
@@ -206,6 +207,34 @@ def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
     # Exact equality of every tensor: this fails if the loader does not undo the q/k permutation.
     _assert_same(load_state_dict(files, torch.float32), sd, torch.float32)
     _assert_same(load_state_dict(files, torch.bfloat16), sd, torch.bfloat16)
+
+
+def test_gguf_k_quants_load_as_their_dequantized_weights(tiny_kquant_gguf: KQuantModel) -> None:
+    """Q4_K, Q5_K and Q6_K tensors (raw blocks written by the test: the gguf package cannot write
+    them) load as exactly the weights their blocks encode, by ggml's arithmetic, q/k rows unpermuted."""
+    from fixtures.gguf_writer import hf_to_gguf_name
+    from fixtures.kquants import dequantize_kquant
+
+    m = tiny_kquant_gguf
+    raw = {t.name: t for t in gguf.GGUFReader(m.gguf).tensors}
+    written = {raw[hf_to_gguf_name(n)].tensor_type.name for n in m.quant}
+    assert written == {"Q4_K", "Q5_K", "Q6_K"}
+    files = inspect_model(str(m.gguf))
+    config = files.config
+    state = load_state_dict(files, torch.float32)
+    for name, qtype in m.quant.items():
+        t = raw[hf_to_gguf_name(name)]
+        want = dequantize_kquant(np.asarray(t.data), qtype, tuple(int(d) for d in reversed(t.shape)))
+        if ".q_proj." in name:
+            want = unpermute_qk(want, config.num_attention_heads)
+        elif ".k_proj." in name:
+            want = unpermute_qk(want, config.num_key_value_heads)
+        torch.testing.assert_close(state[name], want, rtol=0, atol=0, msg=name)
+        # and they are the original weights up to the quantization step (a block or row mix-up is not)
+        levels = 15 if qtype == "Q4_K" else 31
+        assert (state[name] - m.weights[name]).abs().max().item() < 2 * m.weights[name].abs().max().item() / levels
+    for name in ("model.norm.weight", "model.layers.1.input_layernorm.weight"):
+        torch.testing.assert_close(state[name], m.weights[name], rtol=0, atol=0)
 
 
 def test_permutation_is_inverted_and_not_trivial() -> None:

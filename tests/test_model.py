@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.tiny_models import load_hf
+from fixtures.tiny_models import KQuantModel, load_hf
 
 from radixfair.engine.loaders import inspect_model, load_state_dict
 from radixfair.engine.model_runner import ModelRunner, RunnerConfig
@@ -244,3 +244,16 @@ def test_llama32_and_qwen3_logits_depend_on_their_own_steps(tiny_llama32: Path, 
     for layer in runner.model.layers:
         layer.self_attn.q_norm = layer.self_attn.k_norm = None
     assert (logits(runner) - want).abs().max().item() > 100 * TOL
+
+
+def test_k_quant_gguf_computes_what_transformers_does_with_its_weights(tiny_kquant_gguf: KQuantModel) -> None:
+    """A Q4_K/Q5_K/Q6_K GGUF runs as transformers runs the same model with the dequantized weights."""
+    m = tiny_kquant_gguf
+    files = inspect_model(str(m.gguf))
+    state = load_state_dict(files, torch.float32)
+    hf = load_hf(m.hf_dir)
+    hf.load_state_dict(state)
+    runner = make_runner(m.gguf)
+    ids = np.random.default_rng(6).integers(3, 300, 30).tolist()
+    got = run_logits(runner, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=TOL, rtol=0)
