@@ -39,7 +39,7 @@ def locate_model(spec: str, *, gguf_file: str | None = None, revision: str | Non
             raise ModelLoadError(f"--gguf-file {gguf_file!r} picks a file in a folder or repo, but {spec!r} is a file")
         return ModelLocation(full)
     m = _REPO_SPEC.match(spec)
-    if m is None or spec.startswith((".", "~")):
+    if m is None or spec.lower().endswith(".gguf"):  # models/x.gguf is a path with a typo, not a repo
         raise ModelLoadError(
             f"model path {spec!r} does not exist: expected a .gguf file, a Hugging Face model folder, or a repo id "
             "(org/name) in the local Hugging Face cache"
@@ -73,7 +73,8 @@ def cached_snapshot(repo: str, *, revision: str | None, cache_dir: str | None, f
         folder = os.path.join(where, "models--" + repo.replace("/", "--"))
         what = "is not" if not os.path.isdir(folder) else f"has no snapshot of revision {revision or 'main'!r}"
         raise ModelLoadError(
-            f"model {repo!r} {what} in the local Hugging Face cache (looked in {folder}); radixfair never "
+            f"model {repo!r} is no local path, and {what} in the local Hugging Face cache (looked in {folder}); "
+            "radixfair never "
             f"downloads: fetch it first with `{fetch_hint}` (the cache is HF_HUB_CACHE, or HF_HOME/hub, or "
             "--download-dir), or pass a local path"
         ) from e
