@@ -147,8 +147,9 @@ def test_cache_lookup_errors_say_what_to_do(hf_cache: Path, no_network: None) ->
     with pytest.raises(ModelLoadError, match=r"--gguf-file 'nope\.gguf' is not in"):
         inspect_model("acme/tiny-llama-GGUF", gguf_file="nope.gguf", cache_dir=str(hf_cache))
     # neither a path nor a repo id
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        inspect_model("./no/such/thing.gguf", cache_dir=str(hf_cache))
+    for spelling in ("./no/such/thing.gguf", "models/thing.gguf"):  # a path with a typo is not a repo id
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            inspect_model(spelling, cache_dir=str(hf_cache))
 
 
 # ---- flags --------------------------------------------------------------------------------------------
