@@ -106,8 +106,9 @@ def test_a_cache_snapshot_folder_is_named_by_its_repo(hf_cache: Path) -> None:
 
 @requires_real_model
 def test_default_model_is_named_smollm2() -> None:
-    files = inspect_model(None)
-    assert files.name == "SmolLM2-135M-Instruct" and files.repo_id is None
+    from radixfair.engine.loaders import default_model_path
+
+    assert clean_model_name(default_model_path()) == "SmolLM2-135M-Instruct"
 
 
 # ---- the local Hugging Face cache ---------------------------------------------------------------------
