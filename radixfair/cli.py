@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from radixfair.config_flags import add_flags, flag_values
+from radixfair.config_flags import add_flags, flag, flag_values
 from radixfair.engine_args import EngineArgs
 from radixfair.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from radixfair.server.server_args import ServerArgs
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class LogArgs:
+    log_level: str = flag("warning", "what the process logs", choices=LOG_LEVELS, parse=str.lower)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +107,7 @@ def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
     return keys
 
 
-def _cmd_serve(ns: argparse.Namespace) -> int:
+def cmd_serve(ns: argparse.Namespace) -> int:
     import signal
     import threading
     import time
@@ -140,7 +149,8 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
                 while not server.started and not server.should_exit:
                     time.sleep(0.05)
                 if server.started:
-                    print(f"radixfair: serving {engine.model_path} at http://{host}:{opts.port}", flush=True)
+                    print(f"radixfair: serving {engine.model_names.served} ({engine.model_path}) at "
+                          f"http://{host}:{opts.port}", flush=True)
 
             threading.Thread(target=announce, name="radixfair-announce", daemon=True).start()
             server.run()
@@ -154,9 +164,17 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """`radixfair serve`'s flags: the server's and the engine's (`python -m radixfair.launch_server` too)."""
+    from radixfair.server.server_args import ServerArgs
+
+    add_flags(p, ServerArgs)
+    add_engine_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radixfair", description=__doc__)
-    p.add_argument("--log-level", default="warning")
+    add_flags(p, LogArgs)
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt and print the result")
@@ -170,11 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
-    from radixfair.server.server_args import ServerArgs
-
-    add_flags(s, ServerArgs)
-    add_engine_args(s)
-    s.set_defaults(func=_cmd_serve)
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -194,13 +209,61 @@ def build_parser() -> argparse.ArgumentParser:
     from radixfair.bench import structured_bench
 
     structured_bench.add_parser(bsub)
+    for leaf in _leaf_parsers(p):
+        # --log-level after the command too, where SGLang takes it: this copy has no default of its
+        # own, so the value given before the command (or the default) stands unless it is given
+        add_flags(leaf, LogArgs, defaults={"log_level": argparse.SUPPRESS})
+        leaf.set_defaults(cli_parser=leaf)
     return p
 
 
+def _leaf_parsers(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that run a command (those without subcommands of their own)."""
+    # argparse keeps a parser's subcommands only in its private `_actions`
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            yield from _leaf_parsers(child)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, but an unknown flag is reported by the command it was given to, with the
+    closest flag that command knows (`--model-pth`: did you mean `--model-path`?)."""
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        leaf: argparse.ArgumentParser = getattr(ns, "cli_parser", parser)
+        leaf.error(unrecognized_arguments(extras, leaf))
+    return ns
+
+
+def unrecognized_arguments(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        if not arg.startswith("-"):
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{name}: did you mean {close[0]}?")
+        else:
+            hints.append(f"{name}: no such flag (see --help)")
+    return f"unrecognized arguments: {' '.join(extras)}" + "".join(f"\n  {h}" for h in hints)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ns = parse_command_line(build_parser(), argv)
+    setup_logging(ns.log_level)
+    return run_command(ns)
+
+
+def run_command(ns: argparse.Namespace) -> int:
     try:
         return int(ns.func(ns))
     except (ValueError, FileNotFoundError) as e:

@@ -5,7 +5,8 @@ the annotation (`int`, `float`, `str`, or one of those `| None`; a `bool` defaul
 switch; a `tuple[str, ...]` is a repeatable flag), its default and help from the declaration, plus
 what a None default means (`none_means`, for the help), `choices`, a `parse` function for values
 argparse cannot convert by type (a mapping, say), a `metavar`, and an `exclusive` group name for
-flags that cannot be given together. Fields declared otherwise are not flags.
+flags that cannot be given together, and `aliases`: other option strings for the same flag (SGLang's
+names, e.g. `--model-path` for `--model`). Fields declared otherwise are not flags.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ class _Flag:
     parse: Callable[[str], Any] | None
     metavar: str | None
     exclusive: str | None
+    aliases: tuple[str, ...]
 
 
 def flag(default: T, help: str, *, none_means: str | None = None, choices: Sequence[Any] | None = None,
-         parse: Callable[[str], Any] | None = None, metavar: str | None = None, exclusive: str | None = None) -> T:
+         parse: Callable[[str], Any] | None = None, metavar: str | None = None, exclusive: str | None = None,
+         aliases: Sequence[str] = ()) -> T:
     """A dataclass field that is also a command-line flag. A dict default is copied per instance."""
-    meta = {_FLAG: _Flag(help, none_means, choices, parse, metavar, exclusive)}
+    if bad := [a for a in aliases if not a.startswith("-")]:
+        raise TypeError(f"flag aliases must be option strings (--name), got {bad}")
+    meta = {_FLAG: _Flag(help, none_means, choices, parse, metavar, exclusive, tuple(aliases))}
     if isinstance(default, dict):
         # the type checker sees the default; the dataclass gets a field that copies it
         return typing.cast(T, dataclasses.field(default_factory=lambda: dict(default), metadata=meta))
@@ -90,7 +95,8 @@ def add_flags(parser: _Container, cls: type, *, only: Iterable[str] | None = Non
             if spec.exclusive not in groups:
                 groups[spec.exclusive] = parser.add_mutually_exclusive_group()
             target = groups[spec.exclusive]
-        target.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        # dest stays the field's name whichever option string is given
+        target.add_argument("--" + f.name.replace("_", "-"), *spec.aliases, dest=f.name, **kwargs)
 
 
 def flag_values(cls: type, ns: argparse.Namespace, *, only: Iterable[str] | None = None) -> dict[str, Any]:
@@ -124,6 +130,8 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 
 
 def _help(spec: _Flag, default: Any) -> str:
+    if default is argparse.SUPPRESS:  # a copy of a flag whose default lives on another parser
+        return spec.help
     if default is None:
         return spec.help if spec.none_means is None else f"{spec.help} (default: {spec.none_means})"
     if isinstance(default, bool) or (isinstance(default, Mapping) and not default):

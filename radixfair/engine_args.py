@@ -35,9 +35,31 @@ def parse_client_weights(text: str) -> dict[str, float]:
     return out
 
 
+# where a request for more than one GPU per model copy is sent (tensor parallelism is not implemented)
+TP_HINT = ("radixfair runs one model copy per worker process; to use several GPUs run one worker per GPU "
+           "behind the router (`radixfair launch --workers N`, or `radixfair router --worker-urls ...` in front "
+           "of `radixfair serve` workers)")
+
+
 @dataclass(frozen=True)
 class EngineArgs:
-    model: str | None = flag(None, "GGUF file or Hugging Face folder", none_means="SmolLM2-135M-Instruct")
+    model: str | None = flag(None, "a .gguf file, a Hugging Face folder, or a repo id already in the local Hugging "
+                                   "Face cache (org/name; org/name:Q4_K_M picks a GGUF quantization); nothing is "
+                                   "downloaded", none_means="SmolLM2-135M-Instruct", aliases=("--model-path",),
+                             metavar="PATH")
+    tokenizer_path: str | None = flag(None, "the tokenizer from another .gguf file, Hugging Face folder or cached repo "
+                                            "id", none_means="the model's", metavar="PATH")
+    gguf_file: str | None = flag(None, "which .gguf file of a folder or cached repo holding several "
+                                       "(its name, relative to the repo)", metavar="NAME")
+    revision: str | None = flag(None, "branch, tag or commit of a cached repo id", none_means="main")
+    download_dir: str | None = flag(None, "the Hugging Face cache to look repo ids up in",
+                                    none_means="HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub",
+                                    metavar="DIR")
+    served_model_name: str | None = flag(None, "the model's name in the OpenAI API (/v1/models) and in "
+                                               "/get_model_info", none_means="the repo id given, else the file or "
+                                                                             "folder name without its quantization")
+    chat_template: str | None = flag(None, "a built-in template name (chatml, llama-2, vicuna_v1.1) or a .jinja file; "
+                                           "replaces the model's chat template", none_means="the model's")
     dtype: str = flag("auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs with native "
                               "bf16, float32 on other CPUs", choices=DTYPES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
@@ -79,8 +101,18 @@ class EngineArgs:
                                                 "request is refused")
     random_seed: int = flag(0, "seed of torch's generator")
     num_threads: int | None = flag(None, "torch CPU threads", none_means="torch's")
+    tp_size: int = flag(1, "tensor parallel size: 1 only (" + TP_HINT + ")",
+                        aliases=("--tensor-parallel-size", "--tp"))
+    trust_remote_code: bool = flag(False, "accepted for SGLang's command lines; no effect: radixfair never runs code "
+                                          "from a model repository")
     # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
     debug_invariants: bool = False
+
+    def __post_init__(self) -> None:
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("--served-model-name is empty")
+        if self.tp_size != 1:
+            raise ValueError(f"--tp-size {self.tp_size}: tensor parallelism is not supported; {TP_HINT}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

@@ -76,3 +76,24 @@ def test_misuse_fails_when_the_parser_is_built() -> None:
 
     with pytest.raises(TypeError, match="parse function"):
         add_flags(argparse.ArgumentParser(), NoParse)
+
+
+def test_aliases_are_other_spellings_of_the_same_flag() -> None:
+    @dataclass(frozen=True)
+    class Named:
+        model: str | None = flag(None, "the model", aliases=("--model-path",))
+        tp_size: int = flag(1, "parallelism", aliases=("--tp", "--tensor-parallel-size"))
+
+    def parse(argv: list[str]) -> Named:
+        p = argparse.ArgumentParser()
+        add_flags(p, Named)
+        return Named(**flag_values(Named, p.parse_args(argv)))
+
+    assert parse(["--model-path", "m", "--tp", "1"]) == Named(model="m", tp_size=1)
+    assert parse(["--model", "m", "--tensor-parallel-size", "3"]) == Named(model="m", tp_size=3)
+    assert parse([]) == Named()
+    p = argparse.ArgumentParser()
+    add_flags(p, Named)
+    assert "--model MODEL, --model-path MODEL" in " ".join(p.format_help().split())
+    with pytest.raises(TypeError, match="option strings"):
+        flag(0, "bad", aliases=("model-path",))

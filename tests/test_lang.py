@@ -264,6 +264,8 @@ def test_runtime_owns_an_in_process_engine(tiny_llama: Path) -> None:
     finally:
         runtime.shutdown()
     with pytest.raises(TypeError, match="unknown engine argument"):
+        sgl.Runtime(model_path=str(tiny_llama), no_such_argument=2)
+    with pytest.raises(ValueError, match="tensor parallelism"):
         sgl.Runtime(model_path=str(tiny_llama), tp_size=2)
 
 
@@ -290,7 +292,7 @@ def test_constraints_are_sent_as_sampling_params(backend: Backend) -> None:
 def test_server_pieces_sglangs_frontend_needs(server: LiveServer, engine: Engine) -> None:
     import httpx
 
-    from radixfair.server.native_api import model_name_of
+    from radixfair.engine.loaders.hub import clean_model_name as model_name_of
 
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.post("/concate_and_append_request", json={"src_rids": ["a"], "dst_rid": "b"}).status_code == 200

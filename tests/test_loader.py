@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures.gguf_writer import write_gguf
+from fixtures.tiny_models import KQuantModel
 
 from radixfair.engine.loaders import (
     DEFAULT_MODEL_FILENAME,
@@ -49,6 +50,8 @@ def _save_tiny(
     args = {**TINY, "tie_word_embeddings": tie, **kw}
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**args))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{"head_dim": 32, **args}))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
     # Random init leaves norms at exactly 1 and biases at 0; randomize everything so that any mix-up of
@@ -77,8 +80,8 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dt
 
 @pytest.mark.parametrize(
     ("kind", "tie"),
-    [("llama", False), ("llama", True), ("qwen2", False)],
-    ids=["llama", "llama-tied", "qwen2"],
+    [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)],
+    ids=["llama", "llama-tied", "qwen2", "qwen3"],
 )
 def test_hf_folder_loads(tmp_path: Path, kind: str, tie: bool) -> None:
     sd = _save_tiny(tmp_path, kind, tie=tie)
@@ -88,15 +91,19 @@ def test_hf_folder_loads(tmp_path: Path, kind: str, tie: bool) -> None:
     c = files.config
     assert c.architecture == kind
     assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (256, 64, 128)
-    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 4, 2, 16)
+    head_dim = 32 if kind == "qwen3" else 16
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 4, 2, head_dim)
     assert c.tie_word_embeddings is tie
     assert c.attention_bias is (kind == "qwen2")
+    assert c.qk_norm is (kind == "qwen3")
     assert c.bos_token_id == 1 and c.eos_token_ids == (2,)
 
     state = load_state_dict(files, torch.float32)
     assert ("lm_head.weight" in state) is (not tie)
     if kind == "qwen2":
         assert "model.layers.1.self_attn.k_proj.bias" in state
+    if kind == "qwen3":
+        assert state["model.layers.1.self_attn.k_norm.weight"].shape == (head_dim,)
     _assert_same(state, sd, torch.float32)
 
 
@@ -151,8 +158,8 @@ def _raw_gguf_tensor(path: Path, name: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("kind", "tie"),
-    [("llama", False), ("llama", True), ("qwen2", False)],
-    ids=["llama", "llama-tied", "qwen2"],
+    [("llama", False), ("llama", True), ("qwen2", False), ("qwen3", False)],
+    ids=["llama", "llama-tied", "qwen2", "qwen3"],
 )
 def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
     sd = _save_tiny(tmp_path / "hf", kind, tie=tie)
@@ -186,12 +193,13 @@ def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32 if kind == "qwen3" else 16,
         rms_norm_eps=pytest.approx(1e-6),  # type: ignore[arg-type]  # stored as float32
         rope_theta=hf_config.rope_theta,
         max_position_embeddings=512,
         tie_word_embeddings=tie,
         attention_bias=kind == "qwen2",
+        qk_norm=kind == "qwen3",
         bos_token_id=1,
         eos_token_ids=(2,),
         torch_dtype="float32",
@@ -199,6 +207,34 @@ def test_gguf_round_trip(tmp_path: Path, kind: str, tie: bool) -> None:
     # Exact equality of every tensor: this fails if the loader does not undo the q/k permutation.
     _assert_same(load_state_dict(files, torch.float32), sd, torch.float32)
     _assert_same(load_state_dict(files, torch.bfloat16), sd, torch.bfloat16)
+
+
+def test_gguf_k_quants_load_as_their_dequantized_weights(tiny_kquant_gguf: KQuantModel) -> None:
+    """Q4_K, Q5_K and Q6_K tensors (raw blocks written by the test: the gguf package cannot write
+    them) load as exactly the weights their blocks encode, by ggml's arithmetic, q/k rows unpermuted."""
+    from fixtures.gguf_writer import hf_to_gguf_name
+    from fixtures.kquants import dequantize_kquant
+
+    m = tiny_kquant_gguf
+    raw = {t.name: t for t in gguf.GGUFReader(m.gguf).tensors}
+    written = {raw[hf_to_gguf_name(n)].tensor_type.name for n in m.quant}
+    assert written == {"Q4_K", "Q5_K", "Q6_K"}
+    files = inspect_model(str(m.gguf))
+    config = files.config
+    state = load_state_dict(files, torch.float32)
+    for name, qtype in m.quant.items():
+        t = raw[hf_to_gguf_name(name)]
+        want = dequantize_kquant(np.asarray(t.data), qtype, tuple(int(d) for d in reversed(t.shape)))
+        if ".q_proj." in name:
+            want = unpermute_qk(want, config.num_attention_heads)
+        elif ".k_proj." in name:
+            want = unpermute_qk(want, config.num_key_value_heads)
+        torch.testing.assert_close(state[name], want, rtol=0, atol=0, msg=name)
+        # and they are the original weights up to the quantization step (a block or row mix-up is not)
+        levels = 15 if qtype == "Q4_K" else 31
+        assert (state[name] - m.weights[name]).abs().max().item() < 2 * m.weights[name].abs().max().item() / levels
+    for name in ("model.norm.weight", "model.layers.1.input_layernorm.weight"):
+        torch.testing.assert_close(state[name], m.weights[name], rtol=0, atol=0)
 
 
 def test_permutation_is_inverted_and_not_trivial() -> None:

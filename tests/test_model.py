@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.tiny_models import load_hf
+from fixtures.tiny_models import KQuantModel, load_hf
 
 from radixfair.engine.loaders import inspect_model, load_state_dict
 from radixfair.engine.model_runner import ModelRunner, RunnerConfig
@@ -101,7 +101,7 @@ def run_logits(runner: ModelRunner, batch: ScheduledBatch) -> torch.Tensor:
     return runner.model(fb, runner.kv).cpu()
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_llama_tied", "tiny_qwen2"])
+@pytest.fixture(params=["tiny_llama", "tiny_llama_tied", "tiny_qwen2", "tiny_qwen3", "tiny_llama32"])
 def model_dir(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
 
@@ -214,3 +214,46 @@ def test_cascade_decode_over_a_shared_prefix_matches_transformers(tiny_llama: Pa
     for row, (s, n) in enumerate(zip(seqs, own, strict=True)):
         torch.testing.assert_close(got[row], hf_logits(hf, s)[len(doc) + n], atol=TOL, rtol=0)
 
+
+
+def test_llama32_and_qwen3_logits_depend_on_their_own_steps(tiny_llama32: Path, tiny_qwen3: Path) -> None:
+    """The logits tests above pass on these two models only because the llama3 rope scaling and the
+    q/k norms are applied: without either, the same weights give other logits."""
+    from dataclasses import replace
+
+    from radixfair.engine.model_config import RopeScaling
+
+    ids = np.random.default_rng(5).integers(3, 300, 40).tolist()
+
+    def logits(runner: ModelRunner) -> torch.Tensor:
+        return run_logits(runner, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
+
+    files = inspect_model(str(tiny_llama32))
+    rs = files.config.rope_scaling
+    assert files.config.tie_word_embeddings and files.config.rope_theta == 500000.0
+    assert (rs.rope_type, rs.factor, rs.original_max_position_embeddings) == ("llama3", 32.0, 16)
+    want = hf_logits(load_hf(tiny_llama32), ids)
+    torch.testing.assert_close(logits(make_runner(tiny_llama32)), want, atol=TOL, rtol=0)
+    plain = ModelRunner(replace(files.config, rope_scaling=RopeScaling()), load_state_dict(files, torch.float32),
+                        RunnerConfig(512, 16, 1024), torch.float32, DEVICE)
+    assert (logits(plain) - want).abs().max().item() > 100 * TOL
+
+    runner = make_runner(tiny_qwen3)
+    want = hf_logits(load_hf(tiny_qwen3), ids)
+    torch.testing.assert_close(logits(runner), want, atol=TOL, rtol=0)
+    for layer in runner.model.layers:
+        layer.self_attn.q_norm = layer.self_attn.k_norm = None
+    assert (logits(runner) - want).abs().max().item() > 100 * TOL
+
+
+def test_k_quant_gguf_computes_what_transformers_does_with_its_weights(tiny_kquant_gguf: KQuantModel) -> None:
+    """A Q4_K/Q5_K/Q6_K GGUF runs as transformers runs the same model with the dequantized weights."""
+    m = tiny_kquant_gguf
+    files = inspect_model(str(m.gguf))
+    state = load_state_dict(files, torch.float32)
+    hf = load_hf(m.hf_dir)
+    hf.load_state_dict(state)
+    runner = make_runner(m.gguf)
+    ids = np.random.default_rng(6).integers(3, 300, 30).tolist()
+    got = run_logits(runner, prefill_batch([(SeqState(ids, 0, 0), 0, len(ids))]))
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=TOL, rtol=0)

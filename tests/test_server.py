@@ -141,15 +141,16 @@ def test_generate_stream_framing(http: httpx.Client) -> None:
 def test_info_endpoints(http: httpx.Client, engine: Engine) -> None:
     assert http.get("/health").status_code == 200
     assert http.get("/health_generate").status_code == 200
+    name = engine.model_names.served
     assert http.get("/get_model_info").json() == {
-        "model_path": Path(engine.model_path).name, "tokenizer_path": engine.model_path, "is_generation": True,
+        "model_path": name, "tokenizer_path": name, "served_model_name": name, "is_generation": True,
         "chat_template": engine.tokenizer.chat_template, "special_tokens": engine.tokenizer.special_token_strings()}
     info = http.get("/get_server_info").json()
     assert info["max_total_tokens"] == 4096 and info["schedule_policy"] == engine.args.schedule_policy
     load = http.get("/get_load").json()
     assert load["max_total_tokens"] == 4096 and load["num_reqs"] >= 0
     models = http.get("/v1/models").json()
-    assert models["data"][0]["id"] == engine.model_path
+    assert models["data"][0]["id"] == name
     r = http.post("/abort_request", json={"rid": "nobody"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "rid"
     engine.wait_idle(timeout=20)
@@ -174,7 +175,7 @@ def test_flush_cache_refused_while_busy(http: httpx.Client, engine: Engine) -> N
 # ---- OpenAI API --------------------------------------------------------------------------------------
 def test_openai_chat(oai: openai.OpenAI, engine: Engine) -> None:
     msgs = [{"role": "user", "content": "Hi there"}]
-    c = oai.chat.completions.create(model=engine.model_path, messages=msgs, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+    c = oai.chat.completions.create(model=engine.model_names.served, messages=msgs, max_tokens=5, temperature=0)  # type: ignore[arg-type]
     text = engine.tokenizer.apply_chat_template(msgs)
     direct = engine.generate(text, {"max_new_tokens": 5, "temperature": 0})
     assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
@@ -188,7 +189,7 @@ def test_openai_chat(oai: openai.OpenAI, engine: Engine) -> None:
 
 def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI, engine: Engine) -> None:
     stream = oai.chat.completions.create(
-        model=engine.model_path, messages=[{"role": "user", "content": "count"}], max_completion_tokens=4,
+        model=engine.model_names.served, messages=[{"role": "user", "content": "count"}], max_completion_tokens=4,
         temperature=0.8, seed=1, n=2, stream=True, stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
@@ -205,7 +206,7 @@ def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI, engine: Engine) -
                 finish[ch.index] = ch.finish_reason
     assert finish == {0: "length", 1: "length"}
     assert usage is not None and usage.completion_tokens == 8
-    c = oai.chat.completions.create(model=engine.model_path, messages=[{"role": "user", "content": "lp"}], max_tokens=3,
+    c = oai.chat.completions.create(model=engine.model_names.served, messages=[{"role": "user", "content": "lp"}], max_tokens=3,
                                     temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == c.usage.completion_tokens  # type: ignore[union-attr]
@@ -213,12 +214,12 @@ def test_openai_chat_stream_n_and_logprobs(oai: openai.OpenAI, engine: Engine) -
 
 
 def test_openai_completions(oai: openai.OpenAI, engine: Engine) -> None:
-    c = oai.completions.create(model=engine.model_path, prompt="The", max_tokens=4, temperature=0, n=3, seed=3, logprobs=1)
+    c = oai.completions.create(model=engine.model_names.served, prompt="The", max_tokens=4, temperature=0, n=3, seed=3, logprobs=1)
     assert c.object == "text_completion" and [ch.index for ch in c.choices] == [0, 1, 2]
     assert c.usage is not None and c.usage.completion_tokens == sum(
         len(ch.logprobs.tokens or []) for ch in c.choices)  # type: ignore[union-attr]
     assert c.choices[0].text == c.choices[1].text  # greedy: the same sample n times
-    s = oai.completions.create(model=engine.model_path, prompt=[[5, 6, 7]], max_tokens=3, temperature=0, stream=True,
+    s = oai.completions.create(model=engine.model_names.served, prompt=[[5, 6, 7]], max_tokens=3, temperature=0, stream=True,
                                extra_body={"ignore_eos": True})
     chunks = list(s)
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -226,11 +227,11 @@ def test_openai_completions(oai: openai.OpenAI, engine: Engine) -> None:
 
 
 def test_openai_stop(oai: openai.OpenAI, engine: Engine) -> None:
-    c = oai.completions.create(model=engine.model_path, prompt="abc", max_tokens=12, temperature=0)
+    c = oai.completions.create(model=engine.model_names.served, prompt="abc", max_tokens=12, temperature=0)
     full = c.choices[0].text
     if len(full) >= 3:
         stop = full[1:3]
-        c2 = oai.completions.create(model=engine.model_path, prompt="abc", max_tokens=12, temperature=0, stop=[stop])
+        c2 = oai.completions.create(model=engine.model_names.served, prompt="abc", max_tokens=12, temperature=0, stop=[stop])
         assert c2.choices[0].finish_reason == "stop" and stop not in c2.choices[0].text
 
 
@@ -295,10 +296,10 @@ def test_auth(auth_server: LiveServer, engine: Engine) -> None:
         assert c.get("/get_model_info", headers=ok).status_code == 200
         assert c.post("/generate", json={"text": "x", "sampling_params": GREEDY}, headers=ok).status_code == 200
     client = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-alice", max_retries=0, timeout=30)
-    assert client.completions.create(model=engine.model_path, prompt="hi", max_tokens=2).choices
+    assert client.completions.create(model=engine.model_names.served, prompt="hi", max_tokens=2).choices
     bad = openai.OpenAI(base_url=auth_server.url + "/v1", api_key="sk-nope", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
-        bad.completions.create(model=engine.model_path, prompt="hi", max_tokens=2)
+        bad.completions.create(model=engine.model_names.served, prompt="hi", max_tokens=2)
 
 
 def _clients_seen(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -474,7 +475,7 @@ def test_prompt_longer_than_context(http: httpx.Client, engine: Engine) -> None:
 
 def test_unknown_model_is_404(http: httpx.Client, oai: openai.OpenAI, engine: Engine) -> None:
     served = [m["id"] for m in http.get("/v1/models").json()["data"]]
-    assert served == [engine.model_path]
+    assert served == [engine.model_names.served] and "/" not in served[0]
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 1}), ("/v1/chat/completions", chat)):
         r = http.post(path, json={**body, "model": "gpt-nope"})

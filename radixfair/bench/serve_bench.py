@@ -174,7 +174,11 @@ def engine_kwargs_from_info(info: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(EngineArgs)}
     kw = {k: v for k, v in args.items() if k in names}
     # the resolved model and pool size, so that the in-process engine is the server's exactly
-    kw["model"] = info["model_path"]
+    # (the resolved file or folder, which the server shows operators; else the model argument as the
+    # server was given it)
+    if "model_file" in info:
+        kw["model"] = info["model_file"]
+        kw.pop("gguf_file", None)  # already picked
     kw["max_total_tokens"] = info["max_total_tokens"]
     kw["device"] = info.get("device", kw.get("device", "auto"))
     if str(kw.get("dtype", "auto")).startswith("torch."):

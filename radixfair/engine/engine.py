@@ -22,7 +22,7 @@ import torch
 from radixfair.engine.constrained.base import Grammar
 from radixfair.engine.constrained.grammar_manager import GrammarManager, make_backend
 from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
-from radixfair.engine.loaders import inspect_model, load_state_dict, open_gguf
+from radixfair.engine.loaders import load_state_dict
 from radixfair.engine.model_runner import (
     ModelRunner,
     RunnerConfig,
@@ -30,6 +30,7 @@ from radixfair.engine.model_runner import (
     select_device,
     select_dtype,
 )
+from radixfair.engine.model_source import find_model, model_names, open_tokenizer
 from radixfair.engine_args import EngineArgs
 from radixfair.io_struct import (
     EngineOutput,
@@ -108,12 +109,13 @@ class Engine:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.random_seed)
-        files = inspect_model(args.model)
+        if args.trust_remote_code:
+            logger.warning("--trust-remote-code has no effect: radixfair never runs code from a model repository")
+        files = find_model(args)
         self.model_path = files.path
+        self.model_names = model_names(args, files)
         self.model_config = files.config
-        self.tokenizer = (
-            Tokenizer.from_gguf(open_gguf(files.path)) if files.format == "gguf" else Tokenizer.from_hf_dir(files.path)
-        )
+        self.tokenizer: Tokenizer = open_tokenizer(args, files)
         self.device = select_device(args.device)
         self.eos_token_ids = tuple(sorted(set(self.tokenizer.eos_token_ids) | set(files.config.eos_token_ids)))
         # before the model loads: a grammar library that is not installed should fail fast

@@ -19,7 +19,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "mistral"
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "mistral"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,16 +33,17 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head (head_dim) before rope
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in, a hint for --dtype auto
 
     @staticmethod
     def from_hf_dict(cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2)."""
+        """Build from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3 dense)."""
         model_type = str(cfg.get("model_type", "llama"))
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r}: expected llama, mistral or qwen2")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported model_type {model_type!r}: expected llama, mistral, qwen2 or qwen3")
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         rs_raw = cfg.get("rope_scaling") or {}
@@ -77,6 +78,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),

@@ -22,6 +22,7 @@ from radixfair.server.auth import ApiKeyAuth, Identity, ServerClient
 from radixfair.server.errors import install_error_handlers
 from radixfair.server.metrics import ServerMetrics
 from radixfair.server.middleware import BodyLimit, JSONBodies
+from radixfair.server.request_log import RequestLog
 from radixfair.server.server_args import ServerArgs
 from radixfair.server.state import ServerState
 from radixfair.server.version import version
@@ -49,7 +50,8 @@ def create_app(engine: Engine, api_keys: Mapping[str, ServerClient] | None = Non
     admission = Admission(AdmissionLimits(engine.args.max_running_requests, args.max_queued_requests,
                                           args.max_requests_per_client))
     app.state.radixfair = ServerState(engine, metrics_for(engine, args.max_metric_clients), identity, admission,
-                                      args.incremental_streaming_output)
+                                      args.incremental_streaming_output,
+                                      RequestLog(args.log_requests_level) if args.log_requests else None)
     install_error_handlers(app)
     app.include_router(native_api.router)
     app.include_router(openai_api.router)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict
@@ -51,37 +49,31 @@ async def health_generate(request: Request, state: State) -> Response:
     return Response(status_code=200)
 
 
-_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
-
-
-def model_name_of(path: str) -> str:
-    """A model's name from its path: the folder's name, or the GGUF file's without its quantization
-    tag (`.../SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
-    name = os.path.basename(os.path.normpath(path))
-    if name.lower().endswith(".gguf"):
-        name = _QUANT_SUFFIX.sub("", name[: -len(".gguf")])
-    return name or path
-
-
 @router.get("/get_model_info")
+@router.get("/model_info")
 async def get_model_info(state: State) -> dict[str, Any]:
-    # SGLang's frontend picks its chat template by matching `model_path` against model names, so it
-    # carries the name, not a filesystem path; radixfair's frontend renders roles with the model's
-    # own template and the special tokens it reads
+    # SGLang's frontend picks its chat template by matching `model_path`: the model's name, never a
+    # path; radixfair's frontend renders roles with the model's own template and special tokens
+    names = state.engine.model_names
     tok = state.engine.tokenizer
-    return {"model_path": model_name_of(state.engine.model_path), "tokenizer_path": state.engine.model_path,
+    return {"model_path": names.source, "tokenizer_path": names.source, "served_model_name": names.served,
             "is_generation": True, "chat_template": tok.chat_template, "special_tokens": tok.special_token_strings()}
 
 
 @router.get("/get_server_info")
+@router.get("/server_info")
 def get_server_info(request: Request, state: State) -> dict[str, Any]:
     # sync handler: get_stats waits on the scheduler thread, so it runs in the threadpool
     engine = state.engine
     args = asdict(engine.args)
-    if not operator_view(request):
+    operator = operator_view(request)
+    if not operator:
         args.pop("client_weights")  # names clients: for operators only
     info = dict(args)
-    info.update(model_path=engine.model_path, max_total_tokens=engine.max_total_tokens,
+    if operator:
+        info["model_file"] = engine.model_path  # the resolved file or folder: a detail of this machine
+    info.update(model_path=engine.model_names.source, served_model_name=engine.model_names.served,
+                max_total_tokens=engine.max_total_tokens,
                 context_length=engine.context_len, device=str(engine.device), dtype=str(engine.dtype),
                 vocab_size=engine.model_config.vocab_size, version=version(), auth=state.auth,
                 stats=engine.get_stats().to_dict())

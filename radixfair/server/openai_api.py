@@ -256,12 +256,20 @@ async def _respond(state: ServerState, body: CompletionRequest | ChatCompletionR
     return JSONResponse(oa.response(results))
 
 
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "radixfair",
+            "root": state.engine.model_names.source, "max_model_len": state.engine.context_len}
+
+
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
-    return {"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "radixfair",
-        "root": state.engine.model_path, "max_model_len": state.engine.context_len,
-    }]}
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model:path}")  # a repo id has a slash in it
+async def retrieve_model(model: str, state: State) -> dict[str, Any]:
+    state.check_model(model)
+    return _model_card(state)
 
 
 @router.post("/v1/completions")

@@ -37,6 +37,11 @@ class ServerArgs:
     incremental_streaming_output: bool = flag(False, "native /generate streams send only what is new in each "
                                                      "chunk (text, output_ids, logprobs), not SGLang's cumulative "
                                                      "text and meta_info")
+    log_requests: bool = flag(False, "log one line per finished request: client, prompt/cached/output tokens, "
+                                     "finish reason, latency")
+    log_requests_level: int = flag(0, "what --log-requests adds: 0 nothing, 1 the sampling parameters, 2 the prompt "
+                                      "and output text cut to 256 characters each, 3 the whole text",
+                                   choices=(0, 1, 2, 3))
 
     def __post_init__(self) -> None:
         minimums = {"max_body_bytes": 1, "max_queued_requests": 0, "max_requests_per_client": 1,

@@ -15,6 +15,7 @@ from radixfair.server.admission import Admission
 from radixfair.server.auth import Identity
 from radixfair.server.errors import APIError, param_of, unavailable
 from radixfair.server.metrics import ServerMetrics
+from radixfair.server.request_log import RequestLog
 
 if TYPE_CHECKING:
     from radixfair.engine.engine import Engine
@@ -27,6 +28,7 @@ class ServerState:
     identity: Identity
     admission: Admission
     incremental_streaming_output: bool = False
+    request_log: RequestLog | None = None  # --log-requests
     _token_texts: dict[int, str] = field(default_factory=dict)  # bounded by the vocabulary
 
     @property
@@ -36,7 +38,8 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_path
+        """The id /v1/models lists (--served-model-name, or the model's clean name): never a path."""
+        return self.engine.model_names.served
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -45,8 +48,9 @@ class ServerState:
         return text
 
     def check_model(self, model: str | None) -> None:
-        """OpenAI's `model` must be an id `/v1/models` lists (or left out)."""
-        if model is not None and model != self.model_name:
+        """OpenAI's `model` must be the id `/v1/models` lists, or the repo id the server was started
+        with (or left out)."""
+        if model is not None and model not in self.engine.model_names.accepted:
             raise APIError(f"model: '{model}' is not served here; /v1/models lists '{self.model_name}'",
                            status=404, param="model", code="model_not_found")
 

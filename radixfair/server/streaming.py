@@ -40,13 +40,20 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
     """
     q: asyncio.Queue[tuple[int, EngineOutput | None]] = asyncio.Queue()
 
+    log = state.request_log
+
     async def pump(i: int, treq: TokenizedRequest) -> None:
+        text: list[str] | None = [] if log is not None and log.wants_text else None
         try:
             async with aclosing(state.engine.generate_async(treq)) as outs:
                 async for out in outs:
                     q.put_nowait((i, out))
+                    if text is not None:
+                        text.append(out.text)
                     if out.finished:
                         state.metrics.observe(client, out)
+                        if log is not None:
+                            log.finished(client, treq, out, None if text is None else "".join(text))
         finally:
             q.put_nowait((i, None))
 

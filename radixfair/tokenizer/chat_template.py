@@ -128,6 +128,11 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             )
 
 
+def compile_chat_template(source: str) -> jinja2.Template:
+    """`source` compiled as `render_chat_template` compiles it; raises jinja2.TemplateSyntaxError."""
+    return _compile_chat_template(source)
+
+
 @functools.lru_cache(maxsize=32)
 def _compile_chat_template(source: str) -> jinja2.Template:
     # Chat templates come from model files, i.e. untrusted code: the immutable sandbox blocks attribute access to

@@ -72,6 +72,11 @@ class Tokenizer:
             add_bos_token=spec.add_bos_token,
         )
 
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` for every chat, in place of the model's templates (named ones included)."""
+        self.chat_templates = {"default": source}
+        self.chat_template = source
+
     # ---------------------------------------------------------------- properties
 
     @property

@@ -3,8 +3,9 @@
 Whatever the file format, the result uses Hugging Face tensor names and the HF (rotate_half) layout of the
 q/k projections, so the model code has a single weight layout to support.
 
-This package's front works out the format of a path and dispatches to `gguf` or `hf`; both check the
-tensors they return against the shapes the config implies (`shapes`).
+This package's front finds the model (`hub`: a local path, or a repo id in the local Hugging Face
+cache), works out its format and dispatches to `gguf` or `hf`; both check the tensors they return
+against the shapes the config implies (`shapes`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from radixfair.engine.loaders.errors import ModelLoadError
 from radixfair.engine.loaders.gguf import inspect_gguf, load_gguf, open_gguf
 from radixfair.engine.loaders.hf import inspect_hf, load_hf
+from radixfair.engine.loaders.hub import clean_model_name, locate_model
 from radixfair.engine.loaders.shapes import check_state_dict, expected_shapes
 from radixfair.engine.model_config import ModelConfig
 
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_MODEL_PACKAGE",
     "ModelFiles",
     "ModelLoadError",
+    "clean_model_name",
     "default_model_path",
     "expected_shapes",
     "inspect_model",
@@ -43,6 +46,8 @@ class ModelFiles:
     path: str  # absolute path of the .gguf file or the HF folder
     format: Literal["gguf", "hf"]
     config: ModelConfig
+    name: str = ""  # the model's name, never a path: the repo id it was found by, or a clean file or folder name
+    repo_id: str | None = None  # the Hugging Face repo id it was found by in the local cache
 
 
 def default_model_path() -> str:
@@ -61,20 +66,23 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_FILENAME)
 
 
-def inspect_model(path: str | None) -> ModelFiles:
-    """Work out the format of `path` (None: the default model) and read its config, without loading weights."""
+def inspect_model(path: str | None, *, gguf_file: str | None = None, revision: str | None = None,
+                  cache_dir: str | None = None) -> ModelFiles:
+    """Find the model `path` names (None: the default model; a repo id: the local Hugging Face cache,
+    see `hub.locate_model`), work out its format and read its config, without loading weights."""
     if path is None:
-        path = default_model_path()
-    shown = str(path)  # error messages quote the path exactly as the user gave it
-    full = os.path.abspath(os.path.expanduser(shown))
-    if not os.path.exists(full):
-        raise ModelLoadError(
-            f"model path {shown!r} does not exist: expected a .gguf file or a Hugging Face model folder"
-        )
+        if gguf_file is not None:
+            raise ModelLoadError("--gguf-file picks a file of a folder or cached repo: give that with --model")
+        location = locate_model(default_model_path())
+    else:
+        location = locate_model(str(path), gguf_file=gguf_file, revision=revision, cache_dir=cache_dir)
+    full = location.path
+    shown = str(path) if path is not None else full  # error messages quote the path as the user gave it
+    name = location.repo_id or clean_model_name(full)
     if os.path.isdir(full):
-        return ModelFiles(path=full, format="hf", config=inspect_hf(full, shown))
+        return ModelFiles(full, "hf", inspect_hf(full, shown), name, location.repo_id)
     if full.lower().endswith(".gguf"):
-        return ModelFiles(path=full, format="gguf", config=inspect_gguf(full, shown))
+        return ModelFiles(full, "gguf", inspect_gguf(full, shown), name, location.repo_id)
     raise ModelLoadError(
         f"model path {shown!r} is a file without the .gguf suffix: expected a .gguf file or a Hugging Face "
         "model folder (config.json + *.safetensors)"

@@ -15,7 +15,7 @@ from radixfair.engine.loaders.errors import ModelLoadError
 from radixfair.engine.model_config import ModelConfig, RopeScaling
 
 # GGUF architecture names we can run. Mistral GGUFs are written with arch "llama" by llama.cpp.
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 
 # llama.cpp tensor name -> HF name. Per-layer names are matched on the part after "blk.N.".
 _GGUF_GLOBAL_NAMES = {
@@ -29,6 +29,8 @@ _GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -148,6 +150,7 @@ def _gguf_config(reader: Any, shown: str) -> ModelConfig:
         tie_word_embeddings="output.weight" not in tensor_names,
         # qwen2 always has q/k/v biases; for llama it is whatever the file carries.
         attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensor_names,
+        qk_norm=arch == "qwen3",
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos_ids),
         torch_dtype=_GGUF_FILE_TYPE_DTYPE.get(int(file_type) if file_type is not None else 0, "float32"),
@@ -269,8 +272,8 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def load_gguf(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights of the GGUF file `path` with HF names and the HF q/k layout, dequantized to `dtype`."""
     reader = _open_gguf(path, path)
-    # Only llama-arch GGUFs have permuted q/k (llama.cpp's Qwen2 converter keeps the HF layout,
-    # since ggml runs Qwen2 with NEOX-style rope, which is rotate_half).
+    # Only llama-arch GGUFs have permuted q/k (llama.cpp's Qwen2 and Qwen3 converters keep the HF
+    # layout, since ggml runs them with NEOX-style rope, which is rotate_half).
     permute = config.architecture == "llama"
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:

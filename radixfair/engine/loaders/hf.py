@@ -36,8 +36,8 @@ def inspect_hf(folder: str, shown: str) -> ModelConfig:
         config = ModelConfig.from_hf_dict(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(
-            f"model folder {shown!r} has an unsupported config.json ({e}): expected a llama, mistral or "
-            "qwen2 model with num_attention_heads, hidden_size, intermediate_size, num_hidden_layers, vocab_size"
+            f"model folder {shown!r} has an unsupported config.json ({e}): expected a llama, mistral, "
+            "qwen2 or qwen3 model with num_attention_heads, hidden_size, intermediate_size, num_hidden_layers, vocab_size"
         ) from e
     _safetensors_files(folder, shown)  # fail now, not at load time, if the weights are absent
     return config

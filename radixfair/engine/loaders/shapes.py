@@ -42,6 +42,9 @@ def expected_shapes(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], di
         }
         if config.attention_bias:
             required.update(biases)
+        if config.qk_norm:
+            required[p + "self_attn.q_norm.weight"] = (hd,)
+            required[p + "self_attn.k_norm.weight"] = (hd,)
         # HF Llama with attention_bias=True also biases o_proj; kept so the model code can see and use it.
         optional[p + "self_attn.o_proj.bias"] = (h,)
     return required, optional

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain PyTorch over radixfair's KV pool.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3 dense) in plain PyTorch over radixfair's KV pool.
 
 Projections are fused (q|k|v and gate|up) so a decode step issues few, large matmuls; the
 weights are loaded from Hugging Face-named tensors and concatenated once at load time.
@@ -85,12 +85,18 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        # Qwen3: each q and k head is RMS-normalized over head_dim before rope
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k heads are adjacent in the fused projection: rotate them in one pass
-        qk = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *rope)
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
+        qk = apply_rotary(qk, *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         kv.write(self.layer_id, batch.out_slots, k, v)
@@ -247,6 +253,9 @@ class LlamaForCausalLM(nn.Module):
                 if attn.qkv_proj.bias is not None:
                     attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
                 attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                if attn.q_norm is not None and attn.k_norm is not None:
+                    attn.q_norm.weight.copy_(take(p + "self_attn.q_norm.weight"))
+                    attn.k_norm.weight.copy_(take(p + "self_attn.k_norm.weight"))
                 layer.mlp.gate_up_proj.weight.copy_(
                     torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
                 )

@@ -46,7 +46,7 @@ class InProcessBackend(NativeBackend):
         self._token_texts: dict[int, str] = {}
 
     def get_model_name(self) -> str:
-        return str(self.engine.model_path)
+        return self.engine.model_names.source
 
     def get_chat_template(self) -> ChatTemplate:
         return self.chat_template
@@ -61,7 +61,7 @@ class InProcessBackend(NativeBackend):
         from dataclasses import asdict
 
         e = self.engine
-        return {"model_path": e.model_path, "max_total_tokens": e.max_total_tokens, "context_length": e.context_len,
+        return {"model_path": e.model_names.source, "max_total_tokens": e.max_total_tokens, "context_length": e.context_len,
                 "engine_args": asdict(e.args), "stats": e.get_stats().to_dict()}
 
     # ---- the native API's bodies as engine requests -----------------------------------------------
