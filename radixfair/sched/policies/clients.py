@@ -104,8 +104,9 @@ class ClientBook:
         until that work drains. So each active client is guaranteed its weighted share of the
         batch's `batch_slots` rows; past its share a client may still take a row, but only one that
         no client with waiting requests below its own share could claim (the rule stays
-        work-conserving: rows nobody else asks for are never left idle)."""
-        if len(self.active) <= 1:
+        work-conserving: rows nobody else asks for are never left idle). With fewer rows than active
+        clients there is no share to guarantee: the deficits or counters alone decide."""
+        if len(self.active) <= 1 or len(self.active) > batch_slots:
             return True
         running = self._running(client)
         if running < self._share(client, batch_slots):
