@@ -1,4 +1,4 @@
-"""`radixfair` command line: generate, serve, bench."""
+"""`radixfair` command line: generate, serve, router, launch, bench."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from radixfair.config_flags import add_flags, flag, flag_values
 from radixfair.engine_args import EngineArgs
@@ -67,7 +67,17 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
+class KeyFlags(Protocol):
+    """The flags that name API keys (a worker's and the router's)."""
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def api_keys(self) -> str | None: ...
+
+
+def load_api_keys(server: KeyFlags) -> dict[str, Any] | None:
     """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON `{"KEY": "alice"}` or
     `{"KEY": {"client": "alice", "weight": 2}}`; `"trusted_proxy": true` marks a router's key."""
     import json
@@ -190,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
+
+    from radixfair.router.serve import add_router_args, cmd_router
+
+    r = sub.add_parser("router", help="HTTP router in front of workers: the same APIs, routed by a policy")
+    add_router_args(r)
+    r.set_defaults(func=cmd_router)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from radixfair.server import native_api, openai_api
+from radixfair.server import native_api, openai_api, tokenizer_api
 from radixfair.server.admission import Admission, AdmissionLimits
 from radixfair.server.auth import ApiKeyAuth, Identity, ServerClient
 from radixfair.server.errors import install_error_handlers
@@ -55,6 +55,7 @@ def create_app(engine: Engine, api_keys: Mapping[str, ServerClient] | None = Non
     install_error_handlers(app)
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
+    app.include_router(tokenizer_api.router)
     # the last added runs first: size limit and read deadline, then auth, then the JSON content-type fix
     app.add_middleware(JSONBodies)
     app.add_middleware(ApiKeyAuth, keys=keys, admin_keys=args.admin_api_key)
