@@ -362,10 +362,11 @@ def test_global_vtc_holds_and_releases_every_request(router_factory: Callable[..
     assert r.state.policy.decisions["held"] > 0
 
 
-def _spawn_worker(model: Path, port: int) -> subprocess.Popen[str]:
+def _spawn_worker(model: Path, port: int, keys: Path) -> subprocess.Popen[str]:
+    keys.write_text(json.dumps({ROUTER_KEY: {"client": "router", "trusted_proxy": True}}))
     return subprocess.Popen(
         [sys.executable, "-m", "radixfair.cli", "serve", "--model", str(model), "--dtype", "float32",
-         "--max-total-tokens", "8192", "--port", str(port), "--num-threads", "1"],
+         "--max-total-tokens", "8192", "--port", str(port), "--num-threads", "1", "--api-keys", str(keys)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
 
@@ -384,22 +385,22 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], within: float = 120.0) 
 
 
 def test_a_worker_killed_mid_run(router_factory: Callable[..., RouterUnderTest], workers: list[LiveServer],
-                                 tiny_llama: Path) -> None:
+                                 tiny_llama: Path, tmp_path: Path) -> None:
     """Non-streamed requests complete on the survivor, streams on the dead worker end with an error
     event, and every counter returns to zero."""
     port = free_port()
     doomed = f"http://127.0.0.1:{port}"
-    proc = _spawn_worker(tiny_llama, port)
+    proc = _spawn_worker(tiny_llama, port, tmp_path / "keys.json")
     try:
         _wait_healthy(doomed, proc)
-        r = router_factory("round_robin", urls=[doomed, workers[0].url], worker_api_key=None)
+        r = router_factory("round_robin", urls=[doomed, workers[0].url])
         body = {"text": "long", "sampling_params": {"max_new_tokens": 400, **GREEDY}}
 
         async def scenario() -> tuple[list[httpx.Response], list[list[Any]]]:
             async with httpx.AsyncClient(base_url=r.url, timeout=120) as c:
                 async def stream(i: int) -> list[Any]:
                     async with c.stream("POST", "/generate", json={**body, "stream": True, "text": f"s{i}"}) as s:
-                        return sse_events(line async for line in s.aiter_lines())  # type: ignore[arg-type]
+                        return sse_events(iter([line async for line in s.aiter_lines()]))
 
                 plain = [asyncio.create_task(c.post("/generate", json={**body, "text": f"p{i}"})) for i in range(6)]
                 streams = [asyncio.create_task(stream(i)) for i in range(4)]
