@@ -118,6 +118,12 @@ def load_api_keys(server: KeyFlags) -> dict[str, Any] | None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    opts = server_args(ns)
+    return serve(opts, load_api_keys(opts), engine_args(ns), ns.log_level)
+
+
+def serve(opts: ServerArgs, keys: dict[str, Any] | None, args: EngineArgs, log_level: str = "warning") -> int:
+    """Run one worker until SIGINT/SIGTERM (`radixfair serve`, and each worker `radixfair launch` starts)."""
     import signal
     import threading
     import time
@@ -128,9 +134,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from radixfair.server.app import create_app
     from radixfair.server.connections import uvicorn_config
 
-    opts = server_args(ns)
-    keys = load_api_keys(opts)
-    args = engine_args(ns)
     if keys:
         # weights from the key file feed the fair policies; --client-weights still wins
         weights = {c.client: c.weight for c in keys.values() if c.weight != 1.0}
@@ -140,7 +143,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         with Engine(args=args) as engine:
             app = create_app(engine, keys, opts)
-            config = uvicorn_config(app, opts, log_level=ns.log_level.lower(), timeout_graceful_shutdown=5)
+            config = uvicorn_config(app, opts, log_level=log_level.lower(), timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
 
             # a dead engine thread serves nothing: stop, and exit non-zero so that a supervisor
@@ -206,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("router", help="HTTP router in front of workers: the same APIs, routed by a policy")
     add_router_args(r)
     r.set_defaults(func=cmd_router)
+
+    from radixfair.router.launch import add_launch_args, cmd_launch
+
+    la = sub.add_parser("launch", help="N workers and a router in front of them (local processes, or Ray actors)")
+    add_launch_args(la)
+    la.set_defaults(func=cmd_launch)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -101,12 +101,14 @@ class RouterState:
         self._tokenizer_tried = float("-inf")
         self.http: httpx.AsyncClient | None = None  # opened with the app (`start`)
         self._health_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         for url in args.worker_urls:
             self.add_worker(url)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.args.request_timeout_secs, connect=10.0),
                                       limits=limits)
@@ -146,6 +148,17 @@ class RouterState:
             return False
         self.policy.remove_worker(w.url)
         return True
+
+    def replace_worker(self, old: str, new: str) -> None:
+        """From any thread: route to `new` instead of `old` (a worker that came back elsewhere)."""
+        def swap() -> None:
+            self.remove_worker(old)
+            self.add_worker(new)
+
+        if self._loop is None:
+            swap()
+        else:
+            self._loop.call_soon_threadsafe(swap)
 
     def views(self, exclude: Iterable[str] = ()) -> list[WorkerView]:
         """The workers as the policy sees them; `exclude` (workers a request already failed on) are
