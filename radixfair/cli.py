@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from radixfair.bench import structured_bench
 
     structured_bench.add_parser(bsub)
+    from radixfair.bench import router_bench
+
+    router_bench.add_parser(bsub)
     for leaf in _leaf_parsers(p):
         # --log-level after the command too, where SGLang takes it: this copy has no default of its
         # own, so the value given before the command (or the default) stands unless it is given
