@@ -81,6 +81,7 @@ class RouterState:
         self.args = args
         self.policy = policy
         self.keys = dict(keys or {})
+        self._weights = {kc.client: kc.weight for kc in self.keys.values()}
         self.identity = Identity(args.client_id_headers(), auth=bool(self.keys), admin=bool(args.admin_api_key))
         cfg = policy.config
         self.w_in: float = getattr(cfg, "w_in", W_IN)
@@ -175,13 +176,9 @@ class RouterState:
     # ---- routing -------------------------------------------------------------------------------
 
     def route_request(self, client: str, input_ids: tuple[int, ...], max_new_tokens: int, rid: str = "") -> RouteRequest:
-        weight = 1.0
-        for kc in self.keys.values():
-            if kc.client == client:
-                weight = kc.weight
-                break
         loop = asyncio.get_running_loop()
-        return RouteRequest(client, input_ids, max_new_tokens, rid=rid, weight=weight, time=loop.time())
+        return RouteRequest(client, input_ids, max_new_tokens, rid=rid, weight=self._weights.get(client, 1.0),
+                            time=loop.time())
 
     async def acquire(self, request: RouteRequest, exclude: Iterable[str] = ()) -> Dispatch:
         """Choose a worker and dispatch `request` there (waiting while the policy holds it). Raises
@@ -252,15 +249,22 @@ class RouterState:
         if now - self._tokenizer_tried < TOKENIZER_RETRY_SECS:
             return None
         self._tokenizer_tried = now
+        headers = self.worker_headers("router")
         for w in list(self.workers.values()):
             try:
-                r = await self.client.get(f"{w.url}/get_tokenizer", headers=self.worker_headers("router"),
-                                          timeout=30.0)
+                r = await self.client.get(f"{w.url}/get_tokenizer", headers=headers, timeout=30.0)
                 if r.status_code == 200:
                     self.tokenizer = tokenizer_from_worker(r.json())
                     logger.info("router: tokenizer fetched from %s", w.url)
                     return self.tokenizer
-            except (httpx.HTTPError, ValueError, KeyError) as e:
+                # a worker without /get_tokenizer (SGLang's): its model's tokenizer, if this machine has it
+                r = await self.client.get(f"{w.url}/get_model_info", headers=headers, timeout=30.0)
+                path = r.json().get("tokenizer_path") if r.status_code == 200 else None
+                if isinstance(path, str) and path:
+                    self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+                    logger.info("router: tokenizer %s, as %s names it", path, w.url)
+                    return self.tokenizer
+            except Exception as e:  # any worker may fail to say; routing works without tokens meanwhile
                 logger.info("router: no tokenizer from %s: %s", w.url, e)
         return None
 
