@@ -40,6 +40,7 @@ from radixfair.metrics.service import W_IN, W_OUT
 
 DEFAULT_POLICIES = ("d2lpm", "cache_aware", "round_robin")
 ROUTER_KEY_CLIENT = "router"
+POOL_ROOM = 768  # KV tokens for the running requests, besides the documents
 GRACE_FACTOR = 1.5  # a run is cut at this times the arrivals' span; what is unfinished then is aborted
 
 
@@ -51,18 +52,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def replay(url: str, wl: Workload, cut: float) -> tuple[list[RequestRecord], float]:
-    """Send every arrival at its time to `url` (non-streamed, the client named in X-Client-Id);
-    the records, and the seconds the run took."""
+async def replay(url: str, wl: Workload, texts: list[str], cut: float) -> tuple[list[RequestRecord], float]:
+    """Send every arrival at its time to `url` as text (`texts[i]` for arrival i; non-streamed, the
+    client named in X-Client-Id); the records, and the seconds the run took."""
     records: list[RequestRecord] = []
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(cut + 60), limits=limits) as c:
         t0 = time.monotonic()
 
-        async def one(a: Arrival) -> None:
+        async def one(a: Arrival, text: str) -> None:
             await asyncio.sleep(max(a.time - (time.monotonic() - t0), 0.0))
             sent = time.monotonic() - t0
-            body = {"input_ids": a.input_ids, "sampling_params": {"max_new_tokens": a.max_new_tokens,
+            body = {"text": text, "sampling_params": {"max_new_tokens": a.max_new_tokens,
                                                                    "temperature": 0, "ignore_eos": True}}
             try:
                 r = await c.post("/generate", json=body, headers={"x-client-id": a.client})
@@ -79,7 +80,7 @@ async def replay(url: str, wl: Workload, cut: float) -> tuple[list[RequestRecord
             records.append(RequestRecord(a.client, sent, min(first, done), done, int(meta.get("prompt_tokens", 0)),
                                          int(meta.get("cached_tokens", 0)), int(meta.get("completion_tokens", 0))))
 
-        tasks = [asyncio.create_task(one(a)) for a in wl.arrivals]
+        tasks = [asyncio.create_task(one(a, t)) for a, t in zip(wl.arrivals, texts, strict=True)]
         _, pending = await asyncio.wait(tasks, timeout=cut)
         for t in pending:
             t.cancel()  # the router sees the client leave and aborts the request at the worker
@@ -127,6 +128,16 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def _workload(cfg: Any, url: str) -> tuple[Workload, list[str]]:
+    """The trace, and each prompt as text: routers that match text (sglang-router's) and routers
+    that match tokens see the same requests."""
+    from radixfair.router.prompt_tokens import tokenizer_from_worker
+
+    tok = tokenizer_from_worker(httpx.get(url + "/get_tokenizer", timeout=30).json())
+    wl = make_workload(cfg, tok.vocab_size)
+    return wl, [tok.decode(a.input_ids) for a in wl.arrivals]
+
+
 class _Workers:
     """The local workers, (re)started for the scheduling policy a router policy implies."""
 
@@ -160,7 +171,8 @@ class _Workers:
             self.policy = None
 
 
-def _run_ours(policy: str, urls: list[str], wl: Workload, cut: float) -> tuple[list[RequestRecord], float, int]:
+def _run_ours(policy: str, urls: list[str], wl: Workload, texts: list[str],
+              cut: float) -> tuple[list[RequestRecord], float, int]:
     from radixfair.router.app import create_router_app
     from radixfair.router.router_args import RouterArgs
     from radixfair.router.serve import build_policy
@@ -169,7 +181,7 @@ def _run_ours(policy: str, urls: list[str], wl: Workload, cut: float) -> tuple[l
     state = RouterState(RouterArgs(worker_urls=tuple(urls), policy=policy, max_concurrent_requests=1024,
                                    queue_size=4096), build_policy(policy, {}))
     with serve_in_thread(create_router_app(state)) as url:
-        records, elapsed = asyncio.run(replay(url, wl, cut))
+        records, elapsed = asyncio.run(replay(url, wl, texts, cut))
     return records, elapsed, state.retries
 
 
@@ -178,7 +190,8 @@ def sglang_router_available(python: str) -> bool:
     return r.returncode == 0
 
 
-def _run_sglang_router(python: str, urls: list[str], wl: Workload, cut: float) -> tuple[list[RequestRecord], float]:
+def _run_sglang_router(python: str, urls: list[str], wl: Workload, texts: list[str],
+                       cut: float) -> tuple[list[RequestRecord], float]:
     port = _free_port()
     proc = subprocess.Popen([python, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
                              "cache_aware", "--host", "127.0.0.1", "--port", str(port)],
@@ -197,7 +210,7 @@ def _run_sglang_router(python: str, urls: list[str], wl: Workload, cut: float) -
             if time.monotonic() > deadline:
                 raise RuntimeError("sglang_router did not start within 60 s")
             time.sleep(0.5)
-        return asyncio.run(replay(url, wl, cut))
+        return asyncio.run(replay(url, wl, texts, cut))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -213,28 +226,31 @@ def main(ns: argparse.Namespace) -> int:
     policies = [canonical_name(p.strip()) for p in ns.policies.split(",") if p.strip()]
     cfg = replace(FAIRNESS_TRACE, num_clients=ns.clients, duration=ns.duration, rate=ns.rate,
                   heavy_factor=ns.heavy_factor, doc_len=(ns.doc_len, ns.doc_len + ns.doc_len // 2),
-                  output_len=(ns.output_len, 2 * ns.output_len), seed=ns.seed)
+                  question_len=(8, 16), output_len=(ns.output_len, 2 * ns.output_len), seed=ns.seed)
     threads = max((os.cpu_count() or 1) // ns.workers, 1) if ns.num_threads is None else ns.num_threads
-    engine = EngineArgs(model=ns.model, max_total_tokens=ns.max_total_tokens, num_threads=threads)
+    # a pool for two of the longest documents and the running requests: too small for every
+    # client's document, so where a router sends a client decides what stays cached
+    pool = ns.max_total_tokens or 2 * cfg.doc_len[1] + POOL_ROOM
+    engine = EngineArgs(model=ns.model, max_total_tokens=pool, num_threads=threads)
     workers = _Workers(ns.workers, engine)
     sglang_python = ns.sglang_router_python or sys.executable
     rows: list[dict[str, Any]] = []
     cut = ns.duration * GRACE_FACTOR
     try:
         wl: Workload | None = None
+        texts: list[str] = []
         for policy in policies:
             urls = workers.ensure(worker_policy(policy))
             if wl is None:
-                vocab = httpx.get(urls[0] + "/get_tokenizer", timeout=30).json()["vocab_size"]
-                wl = make_workload(cfg, vocab)
+                wl, texts = _workload(cfg, urls[0])
                 print(f"workload: {len(wl.arrivals)} requests from {len(wl.clients)} clients over {wl.duration:g} s "
-                      f"({wl.heavy_client} at {wl.heavy_factor:g}x)", flush=True)
-            records, elapsed, retries = _run_ours(policy, urls, wl, cut)
+                      f"({wl.heavy_client} at {wl.heavy_factor:g}x), worker KV pools of {pool} tokens", flush=True)
+            records, elapsed, retries = _run_ours(policy, urls, wl, texts, cut)
             rows.append(row(policy, wl, records, elapsed, retries, ns.window))
             print(f"{policy}: done", flush=True)
         if wl is not None and not ns.no_sglang_router and sglang_router_available(sglang_python):
             urls = workers.ensure("lpm")
-            records, elapsed = _run_sglang_router(sglang_python, urls, wl, cut)
+            records, elapsed = _run_sglang_router(sglang_python, urls, wl, texts, cut)
             rows.append(row("sglang_router", wl, records, elapsed, None, ns.window))
         elif not ns.no_sglang_router:
             print(f"sglang_router: not importable by {sglang_python}; no sglang_router row", flush=True)
@@ -259,13 +275,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of router policies")
     p.add_argument("--model", default=None, help="the workers' model (default: the default model)")
-    p.add_argument("--clients", type=int, default=6)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per policy")
-    p.add_argument("--rate", type=float, default=0.4, help="requests/s of each well-behaved client")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per policy")
+    p.add_argument("--rate", type=float, default=0.15, help="requests/s of each well-behaved client")
     p.add_argument("--heavy-factor", type=float, default=4.0, help="the misbehaving client's rate over the others'")
-    p.add_argument("--doc-len", type=int, default=384, help="shortest document (prefix) in tokens; the longest is 1.5x")
-    p.add_argument("--output-len", type=int, default=8, help="shortest output; the longest is 2x")
-    p.add_argument("--max-total-tokens", type=int, default=4096, help="each worker's KV pool")
+    p.add_argument("--doc-len", type=int, default=96, help="shortest document (prefix) in tokens; the longest is 1.5x")
+    p.add_argument("--output-len", type=int, default=4, help="shortest output; the longest is 2x")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help=f"each worker's KV pool (default: two of the longest documents + {POOL_ROOM})")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads per worker (default: split)")
     p.add_argument("--window", type=float, default=5.0, help="seconds per fairness window")
     p.add_argument("--seed", type=int, default=0)
