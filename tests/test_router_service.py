@@ -592,3 +592,15 @@ def test_a_route_request_is_what_the_policy_sees() -> None:
     assert (req.client_id, req.weight, req.rid, req.max_new_tokens) == ("heavy", 3.0, "r", 2)
 
 
+
+
+def test_a_worker_that_takes_too_long_times_out_and_every_counter_is_released(
+        router_factory: Callable[..., RouterUnderTest], engines: list[Engine]) -> None:
+    r = router_factory("round_robin", request_timeout_secs=0.3, retry_max_retries=1,
+                       health_check_interval_secs=3600)
+    with r.http() as c:
+        out = c.post("/generate", json={"text": "slow", "sampling_params": {"max_new_tokens": 3000, **GREEDY}})
+    assert out.status_code == 502 and "after 1 retries" in out.json()["error"]["message"]
+    assert r.state.retries == 1 and sum(w.failed for w in r.state.workers.values()) == 2
+    r.wait_idle()
+    drained(engines)  # the router closed both connections: each worker aborted its attempt

@@ -185,7 +185,7 @@ def _generation_handler(state: RouterState, path: str) -> Any:
         stream = isinstance(body, dict) and body.get("stream") is True
         status = 500
         try:
-            response = await forward(state, request, path, raw, body, route, stream)
+            response = await forward(state, request, path, raw, route, stream)
             status = response.status_code
             return response
         except APIError as e:

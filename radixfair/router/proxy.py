@@ -92,7 +92,7 @@ async def _acquire(state: RouterState, route: RouteRequest, tried: set[str]) -> 
         raise overloaded(str(e)) from e
 
 
-async def forward(state: RouterState, request: Request, path: str, raw: bytes, body: Any, route: RouteRequest,
+async def forward(state: RouterState, request: Request, path: str, raw: bytes, route: RouteRequest,
                   stream: bool) -> Response:
     """Send the request to the worker the policy picks, retrying elsewhere as the flags allow."""
     slot = await state.queue.acquire()

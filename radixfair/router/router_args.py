@@ -34,7 +34,9 @@ class RouterArgs:
     tokenizer_path: str | None = flag(None, "the model's tokenizer (.gguf file, Hugging Face folder or cached repo "
                                             "id)", none_means="fetched from the first worker that answers")
     max_body_bytes: int = flag(DEFAULT_MAX_BODY_BYTES, "larger request bodies are refused with 413")
-    request_timeout_secs: float = flag(1800.0, "seconds a request to a worker may take in all")
+    request_timeout_secs: float = flag(1800.0, "seconds the router waits on a worker for each part of an answer "
+                                                "(the status line, each chunk of a stream); past it the attempt "
+                                                "fails and is retried as a connection error")
     health_check_interval_secs: float = flag(10.0, "seconds between health checks of each worker (GET /health)")
     health_check_timeout_secs: float = flag(5.0, "seconds a health check may take before it counts as failed")
     health_failure_threshold: int = flag(3, "failed health checks in a row that take a worker out of routing")
