@@ -266,7 +266,8 @@ def main(ns: argparse.Namespace) -> int:
                   fmt(r["p99_latency"], ".2f"), fmt(r["p99_latency_well_behaved"], ".2f"), fmt(r["retries"], "d"),
                   f"{r['finished']}/{r['requests']}"] for r in rows],
                 title=f"bench router: {ns.workers} workers", width=140)
-    write_json(ns.json, {"config": vars(ns) | {"func": None}, "rows": rows})
+    config = {k: v for k, v in vars(ns).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    write_json(ns.json, {"config": config, "rows": rows})
     return 0
 
 
