@@ -201,6 +201,10 @@ def test_router_api_keys_name_the_client(router_factory: Callable[..., RouterUnd
             out = c.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}},
                          headers={"authorization": "Bearer sk-frank", "x-client-id": "someone-else"})
             assert out.status_code == 200, out.text
+            listed = c.get("/workers", headers={"authorization": "Bearer sk-frank"}).json()["workers"]
+            assert listed and all("service" not in w for w in listed)  # client names: operators only
+            assert c.post("/workers", json={"url": "http://127.0.0.1:1"},
+                          headers={"authorization": "Bearer sk-frank"}).status_code == 403
     finally:
         server.stop()
     assert any("frank" in w.service for w in state.workers.values())

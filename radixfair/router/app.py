@@ -26,7 +26,7 @@ from radixfair.router.metrics import RouterMetrics
 from radixfair.router.prompt_tokens import max_new_tokens, prompt_tokens
 from radixfair.router.proxy import forward, upstream_error
 from radixfair.router.state import RouterState
-from radixfair.server.auth import ApiKeyAuth, client_of, require_admin
+from radixfair.server.auth import ApiKeyAuth, client_of, operator_view, require_admin
 from radixfair.server.errors import APIError, install_error_handlers
 from radixfair.server.middleware import BodyLimit
 from radixfair.server.version import version
@@ -137,7 +137,11 @@ def create_router_app(state: RouterState) -> FastAPI:
 
     @app.get("/workers")
     async def get_workers(request: Request) -> dict[str, Any]:
-        return {"workers": [w.snapshot() for w in state.workers.values()]}
+        workers = [w.snapshot() for w in state.workers.values()]
+        if not operator_view(request):
+            for w in workers:
+                del w["service"]  # names clients: for operators only, as a worker's client list
+        return {"workers": workers}
 
     @app.delete("/workers/{url:path}")
     async def delete_worker(url: str, request: Request) -> JSONResponse:
