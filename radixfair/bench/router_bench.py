@@ -162,6 +162,7 @@ class _Workers:
                                 dict[str, ServerClient]())
         self.urls = self.fleet.start()
         self.policy = schedule_policy
+        asyncio.run(_warm_up(self.urls))
         return self.urls
 
     def stop(self) -> None:
@@ -169,6 +170,18 @@ class _Workers:
             self.fleet.stop()
             self.fleet = None
             self.policy = None
+
+
+async def _warm_up(urls: list[str], rounds: int = 3, batch: int = 6) -> None:
+    """Requests of the workload's shapes, straight to each worker, then a flush: a fresh worker's
+    first batches run several times slower (allocator, kernel set-up), which would otherwise be
+    charged to whichever policy runs first."""
+    async with httpx.AsyncClient(timeout=300) as c:
+        for r in range(rounds):
+            await asyncio.gather(*(c.post(u + "/generate", json={
+                "input_ids": [1000 + 7 * i + r + k for k in range(160)],
+                "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}) for u in urls for i in range(batch)))
+        await asyncio.gather(*(c.post(u + "/flush_cache") for u in urls))
 
 
 def _run_ours(policy: str, urls: list[str], wl: Workload, texts: list[str],
