@@ -106,7 +106,7 @@ class VTCPolicy(SchedulePolicy):
         return self._picks()
 
     def set_batch_slots(self, max_running_requests: int) -> None:
-        self.batch_slots = max_running_requests
+        self.batch_slots = max_running_requests if self.config.row_share else 1 << 30
 
     def may_admit(self, req: Req) -> bool:
         u = req.client_id
