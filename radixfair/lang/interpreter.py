@@ -35,9 +35,11 @@ from radixfair.lang.ir import (
     as_expr,
     named_exprs,
 )
+from radixfair.lang.speculative import Speculation
+from radixfair.lang.usage import ApiUsage, UsageCounts
 
 if TYPE_CHECKING:
-    from radixfair.lang.backend.base import Backend
+    from radixfair.lang.backend.base import Backend, Continuation
     from radixfair.lang.chat_template import ChatTemplate
 
 _END = object()  # the worker's last item: the program appends nothing more
@@ -47,13 +49,17 @@ class StreamExecutor:
     """One program state's worker and everything it has produced."""
 
     def __init__(self, backend: Backend, arguments: dict[str, Any], default_params: GenParams,
-                 chat_template: ChatTemplate | None = None, stream: bool = False, use_thread: bool = True) -> None:
+                 chat_template: ChatTemplate | None = None, stream: bool = False, use_thread: bool = True,
+                 num_api_spec_tokens: int | None = None) -> None:
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.arguments = arguments
         self.default_params = default_params
         self.stream = stream
         self.chat_template = chat_template or backend.get_chat_template()
+        self.num_api_spec_tokens = num_api_spec_tokens
+        self.speculation = Speculation(num_api_spec_tokens) if num_api_spec_tokens is not None else None
+        self.api_usage = ApiUsage(parent=backend.api_usage)
 
         self.text_ = ""
         self.messages_: list[dict[str, Any]] = []
@@ -154,7 +160,7 @@ class StreamExecutor:
         children = []
         for _ in range(size):
             child = StreamExecutor(self.backend, self.arguments, self.default_params, self.chat_template,
-                                   self.stream, self.use_thread)
+                                   self.stream, self.use_thread, self.num_api_spec_tokens)
             child.text_ = self.text_
             child.messages_ = list(self.messages_)
             child.variables = dict(self.variables)
@@ -238,6 +244,27 @@ class StreamExecutor:
 
     def _fill(self, text: str) -> None:
         self.text_ += text
+        if self.speculation is not None:
+            self.speculation.follow(self, text)
+
+    # ---- calls to the backend, counted ----------------------------------------------------------
+    def _count(self, meta: dict[str, Any] | None, **extra: int) -> None:
+        meta = meta or {}
+        self.api_usage.add(calls=1, input_tokens=int(meta.get("prompt_tokens") or 0),
+                           output_tokens=int(meta.get("completion_tokens") or 0), **extra)
+
+    def call_generate(self, params: GenParams) -> tuple[str, dict[str, Any]]:
+        text, meta = self.backend.generate(self, params)
+        self._count(meta)
+        return text, meta
+
+    def call_speculate(self, params: GenParams) -> Continuation:
+        cont = self.backend.speculate(self, params)
+        self._count(cont.meta_info, spec_calls=1)
+        return cont
+
+    def usage(self) -> UsageCounts:
+        return self.api_usage.snapshot()
 
     def _set(self, name: str | None, value: Any, meta: Any) -> None:
         if name is None:
@@ -260,10 +287,17 @@ class StreamExecutor:
         params = self.resolve_params(expr.overrides)
         name = expr.name
         if not self.stream:
-            text, meta = self.backend.generate(self, params)
+            if self.speculation is not None and not self.backend.is_chat_model:
+                text, meta = self.speculation.gen(self, params)
+            else:
+                text, meta = self.call_generate(params)
+                if self.speculation is not None:
+                    self.speculation.drop(self, missed=False)
             self.text_ += text
             self._set(name, text, meta)
             return
+        if self.speculation is not None:
+            self.speculation.drop(self, missed=False)
         value, last_meta = "", None
         if name is not None:
             self.variables[name] = ""
@@ -275,18 +309,20 @@ class StreamExecutor:
                 self.variables[name] = value
                 self.meta_info[name] = meta
             self._notify()
+        self._count(last_meta)
         self._set(name, value, last_meta)
 
     def _execute_select(self, expr: Select) -> None:
         decision = self.backend.select(self, expr.choices, expr.temperature, expr.choices_method)
-        self.text_ += decision.decision
+        self._count(decision.meta_info)
+        self._fill(decision.decision)
         self._set(expr.name, decision.decision, decision.meta_info)
 
     def _role_begin(self, role: str) -> None:
         if self.cur_role is not None:
             raise ValueError(f"{role}: roles cannot nest (the {self.cur_role} role is still open)")
         prefix, suffix = self.chat_template.get_prefix_and_suffix(role, self.messages_)
-        self.text_ += prefix
+        self._fill(prefix)
         self.cur_role, self.cur_role_begin_pos, self.cur_role_suffix = role, len(self.text_), suffix
 
     def _role_end(self, role: str) -> None:
@@ -296,7 +332,7 @@ class StreamExecutor:
         if role == "assistant" and self.backend.is_chat_model:
             self.backend.role_end_generate(self)
         content = self.text_[self.cur_role_begin_pos:]
-        self.text_ += self.cur_role_suffix
+        self._fill(self.cur_role_suffix)
         self.messages_.append({"role": role, "content": content})
         self.cur_role, self.cur_role_suffix = None, ""
 
@@ -310,10 +346,10 @@ class StreamExecutor:
             for b in branches:
                 b.submit(CommitLazy())
                 b.sync()
-            self.text_ += "".join(b.text_[b.fork_start_text_pos:] for b in branches)
+            self._fill("".join(b.text_[b.fork_start_text_pos:] for b in branches))
             self.backend.concatenate_and_append([b.sid for b in branches], self.sid)
         else:
-            self.text_ += "".join(b.text_[b.fork_start_text_pos:] for b in branches)
+            self._fill("".join(b.text_[b.fork_start_text_pos:] for b in branches))
 
 
 class ProgramState:
@@ -404,6 +440,12 @@ class ProgramState:
 
     def error(self) -> BaseException | None:
         return self.stream_executor.error()
+
+    def api_usage(self) -> UsageCounts:
+        """This state's calls and tokens so far (not its forks'), and what API speculative
+        execution saved."""
+        self.stream_executor.sync()
+        return self.stream_executor.usage()
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """The text (or one variable) as it grows: chunks that concatenate to the final value.
