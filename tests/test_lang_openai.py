@@ -179,7 +179,7 @@ def test_streaming_and_errors(completion: sgl.OpenAI, chat: sgl.OpenAI) -> None:
     assert isinstance(err, BackendError) and err.status == 400 and "temperature" in str(err)
     with pytest.raises(BackendError, match="temperature"):
         bad["x"]
-    with pytest.raises(BackendError, match="404|model"):
+    with pytest.raises(BackendError, match=r"404|model"):
         P.count.run(backend=sgl.OpenAI("no-such-model", base_url=completion.base_url, is_chat_model=False))["n"]
 
 
