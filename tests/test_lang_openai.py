@@ -252,7 +252,7 @@ def test_mismatch_falls_back_to_a_call(completion: sgl.OpenAI) -> None:
 
     def diverging(s: Any, p: str) -> None:
         s += p + sgl.gen("a", max_tokens=3) + "\u2603 snowman" + sgl.gen("b", max_tokens=3)
-        s += sgl.gen("c", max_tokens=2, temperature=1.0)  # other settings: no answer from the speculation
+        s += sgl.gen("c", max_tokens=2, top_k=1)  # other settings: no answer from the speculation
 
     spec = sgl.function(diverging, num_api_spec_tokens=8).run(p=prompt, backend=completion, temperature=0,
                                                                ignore_eos=True)
@@ -261,6 +261,47 @@ def test_mismatch_falls_back_to_a_call(completion: sgl.OpenAI) -> None:
     usage = spec.api_usage()
     assert usage.calls == 3 and usage.spec_hits == 0 and usage.spec_misses == 2
     assert completion.api_usage.snapshot().spec_misses >= 2  # the backend's totals include the state's
+
+
+def test_chat_model_speculates_a_whole_message(chat: sgl.OpenAI, recorder: Recorder) -> None:
+    body = {"model": chat.model_name, "messages": [{"role": "user", "content": "Card?"}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True}
+    whole = chat._http.json("POST", "/chat/completions", body)["choices"][0]["message"]["content"]
+    j = next(i for i in range(3, 10) if whole[i] not in whole[2:i])
+
+    def card_message(s: Any, head: str, sep: str) -> None:
+        s += sgl.user("Card?")
+        s += sgl.assistant(head + sgl.gen("x", stop=whole[j], max_tokens=12) + sep + sgl.gen("y", max_tokens=12))
+
+    recorder.requests.clear()
+    state = sgl.function(card_message, num_api_spec_tokens=12).run(
+        head=whole[:2], sep=whole[j:j + 2], backend=chat, temperature=0, ignore_eos=True)
+    # the model's one message, cut between the program's constant texts
+    assert state.error() is None and (state["x"], state["y"]) == (whole[2:j], whole[j + 2:])
+    assert state.messages()[-1] == {"role": "assistant", "content": whole}
+    usage = state.api_usage()
+    assert (usage.calls, usage.spec_calls, usage.spec_hits) == (1, 1, 1)
+    sent = recorder.bodies("/v1/chat/completions")
+    assert len(sent) == 1 and sent[0]["messages"] == body["messages"] and "stop" not in sent[0]
+    # a message that does not follow the program's text fails the state, naming why
+    bad = sgl.function(card_message, num_api_spec_tokens=12).run(
+        head="\u2603", sep="!", backend=chat, temperature=0, ignore_eos=True)
+    assert isinstance(bad.error(), ValueError) and "does not follow" in str(bad.error())
+    assert bad.api_usage().spec_misses == 1
+
+
+def test_fill_message_cuts_values_between_constant_texts() -> None:
+    from radixfair.lang.speculative import DeferredGen, MessageMismatch, fill_message
+
+    nl, free = GenParams(stop=("\n",)), GenParams()
+    gens = [DeferredGen(5, "name", nl), DeferredGen(10, "job", free), DeferredGen(16, "town", free)]
+    content = "Name:\nJob:\nTown:"
+    assert fill_message("Name: Ann\nJob: baker\nTown: Rome and more", content, gens) == [
+        " Ann", " baker", " Rome and more"]
+    with pytest.raises(MessageMismatch, match="Job"):
+        fill_message("Name: Ann\nWork: baker\nTown: Rome", content, gens)
+    with pytest.raises(MessageMismatch, match="no text or stop"):
+        fill_message("ab", "", [DeferredGen(0, "a", free), DeferredGen(0, "b", free)])
 
 
 # ---- speculation's cutting rules, without a server -------------------------------------------------

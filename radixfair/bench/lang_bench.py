@@ -84,7 +84,7 @@ class Sizes:
     fewshot_tokens: int = 16
     cards: int = 32
     card_field_tokens: int = 16
-    spec_tokens: int = 96
+    spec_tokens: int = 64  # the six fields and their labels take about 45 tokens
     judge_documents: int = 8
     judge_document_tokens: int = 512
     judge_tokens: int = 32
@@ -323,6 +323,14 @@ def measure_openai(url: str, program: str, mode: str, wl: Workload, sizes: Sizes
             "decode_tokens": after["decode_tokens"] - before["decode_tokens"]}
 
 
+def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The share of fields the two modes wrote the same. Not 1 in general: a speculated field follows
+    the model's own tokens, a called one the server's tokenization of the text so far, and the
+    attention over cached and freshly computed positions rounds differently in bfloat16."""
+    pairs = [(x, y) for ca, cb in zip(a["cards"], b["cards"], strict=True) for x, y in zip(ca, cb, strict=True)]
+    return sum(x == y for x, y in pairs) / len(pairs) if pairs else 1.0
+
+
 def main_openai(ns: argparse.Namespace, args: EngineArgs, sizes: Sizes) -> int:
     rows: list[dict[str, Any]] = []
     wl = make_workload(_tokenizer(args.model), sizes, ns.seed)
@@ -348,7 +356,7 @@ def main_openai(ns: argparse.Namespace, args: EngineArgs, sizes: Sizes) -> int:
          f"{plain['calls_per_program'] / spec['calls_per_program']:.2f}x"],
         ["character_card input tokens: openai / openai_spec",
          f"{plain['input_tokens_per_program'] / max(spec['input_tokens_per_program'], 1e-9):.2f}x"],
-        ["character_card cards equal (temperature 0)", str(plain["cards"] == spec["cards"])],
+        ["character_card fields equal to openai's (temperature 0)", f"{_agreement(plain, spec):.3f}"],
         ["few_shot_qa programs/s: hoist / no_hoist", f"{hoist['programs_per_s'] / cold['programs_per_s']:.2f}x"],
         ["few_shot_qa prefill tokens: no_hoist / hoist",
          f"{cold['prefill_tokens'] / max(hoist['prefill_tokens'], 1):.2f}x"],

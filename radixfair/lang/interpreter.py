@@ -35,7 +35,7 @@ from radixfair.lang.ir import (
     as_expr,
     named_exprs,
 )
-from radixfair.lang.speculative import Speculation
+from radixfair.lang.speculative import DeferredGen, MessageMismatch, Speculation, fill_message
 from radixfair.lang.usage import ApiUsage, UsageCounts
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class StreamExecutor:
         self.num_api_spec_tokens = num_api_spec_tokens
         self.speculation = Speculation(num_api_spec_tokens) if num_api_spec_tokens is not None else None
         self.api_usage = ApiUsage(parent=backend.api_usage)
+        # a chat model's assistant message under speculation: its gens, run as one call at its end
+        self._deferred: list[DeferredGen] = []
 
         self.text_ = ""
         self.messages_: list[dict[str, Any]] = []
@@ -207,6 +209,11 @@ class StreamExecutor:
         self._notify()
 
     def _finish(self) -> None:
+        if self._deferred and self.error_ is None:
+            try:
+                self._run_deferred()  # a message the program left open
+            except Exception as e:
+                self._fail(e)
         self.is_finished = True
         self._notify()
 
@@ -286,6 +293,10 @@ class StreamExecutor:
     def _execute_gen(self, expr: Gen) -> None:
         params = self.resolve_params(expr.overrides)
         name = expr.name
+        if self.speculation is not None and self.backend.is_chat_model and self.cur_role == "assistant" \
+                and not self.stream:
+            self._deferred.append(DeferredGen(len(self.text_) - self.cur_role_begin_pos, name, params))
+            return
         if not self.stream:
             if self.speculation is not None and not self.backend.is_chat_model:
                 text, meta = self.speculation.gen(self, params)
@@ -312,7 +323,39 @@ class StreamExecutor:
         self._count(last_meta)
         self._set(name, value, last_meta)
 
+    def _run_deferred(self) -> None:
+        """One call for the assistant message; each waiting gen's value is cut out of the answer."""
+        gens, self._deferred = self._deferred, []
+        assert self.speculation is not None
+        begin = self.cur_role_begin_pos
+        content = self.text_[begin:]
+        first = gens[0].params
+        params = replace(first, max_new_tokens=max(self.speculation.num_tokens, first.max_new_tokens), stop=())
+        self.text_ = self.text_[:begin]  # the call sends the messages before this one
+        try:
+            answer, meta = self.call_generate(params)
+        finally:
+            self.text_ = self.text_[:begin] + content
+        self.api_usage.add(spec_calls=1)
+        try:
+            values = fill_message(answer, content, gens)
+        except MessageMismatch as e:
+            self.api_usage.add(spec_misses=1)
+            raise ValueError(f"num_api_spec_tokens: the chat model's message does not follow the program's "
+                             f"text ({e}); the whole message was {answer!r}") from e
+        self.api_usage.add(spec_hits=len(gens) - 1)
+        parts, done = [], 0
+        for g, value in zip(gens, values, strict=True):
+            parts += [content[done:g.offset], value]
+            done = g.offset
+        self.text_ = self.text_[:begin] + "".join(parts) + content[done:]
+        for g, value in zip(gens, values, strict=True):
+            self._set(g.name, value, {**meta, "speculative": True})
+
     def _execute_select(self, expr: Select) -> None:
+        if self._deferred:
+            raise ValueError("select: not inside an assistant message whose gens wait for API speculative "
+                             "execution (num_api_spec_tokens) on a chat model")
         decision = self.backend.select(self, expr.choices, expr.temperature, expr.choices_method)
         self._count(decision.meta_info)
         self._fill(decision.decision)
@@ -330,6 +373,8 @@ class StreamExecutor:
             raise ValueError(f"{role}_end() without {role}_begin()"
                              + (f" (the {self.cur_role} role is open)" if self.cur_role else ""))
         if role == "assistant" and self.backend.is_chat_model:
+            if self._deferred:
+                self._run_deferred()
             self.backend.role_end_generate(self)
         content = self.text_[self.cur_role_begin_pos:]
         self._fill(self.cur_role_suffix)

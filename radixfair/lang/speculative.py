@@ -11,17 +11,24 @@ and the next `gen` makes a call again (itself speculative).
 A speculated answer ends where a normal call would have ended: at the first stop string, or after
 `max_new_tokens` tokens when the server tells where each token ends (otherwise only when the text
 is provably short enough: a token is at least one character), or where the model itself stopped.
+
+A chat model cannot continue a half-written message, so there the unit is the assistant message,
+as in SGLang: its gens wait, the message is one call of up to N tokens, and each gen's value is cut
+out of the answer between the program's constant texts. An answer that does not follow them fails
+the state with a clear error (no call could continue the message instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from radixfair.lang.ir import GenParams
 
 if TYPE_CHECKING:
     from radixfair.lang.backend.base import Continuation
     from radixfair.lang.interpreter import StreamExecutor
-    from radixfair.lang.ir import GenParams
 
 # sampling settings that must be the same for a gen to take its answer from a speculation
 _KEY_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "ignore_eos")
@@ -147,3 +154,47 @@ class Speculation:
         if tokens is not None:
             meta["completion_tokens"] = tokens
         return answer, meta
+
+
+# ---- chat models: one call per assistant message --------------------------------------------------
+class DeferredGen(NamedTuple):
+    """A gen inside an assistant message of a chat model, waiting for the message's one call."""
+
+    offset: int  # where its value goes in the message's content (the constant text around it is known)
+    name: str | None
+    params: GenParams
+
+
+class MessageMismatch(ValueError):
+    """The model's message did not follow the program's constant text."""
+
+
+def fill_message(answer: str, content: str, gens: Sequence[DeferredGen]) -> list[str]:
+    """Each deferred gen's value, cut out of the model's whole message `answer`: the program's text
+    `content` (the message without the gens' values) must appear in it around them. A value ends at
+    its first stop string, else where the next constant text begins, else with the message."""
+    values: list[str] = []
+    pos, done = 0, 0  # in `answer`, in `content`
+    for i, g in enumerate(gens):
+        const = content[done:g.offset]
+        if not answer.startswith(const, pos):
+            raise MessageMismatch(f"expected {const!r} at {answer[pos:pos + len(const) + 16]!r}")
+        pos, done = pos + len(const), g.offset
+        following = content[g.offset:gens[i + 1].offset] if i + 1 < len(gens) else content[g.offset:]
+        ends = [p for p in (answer.find(stop, pos) for stop in g.params.stop if stop) if p != -1]
+        if ends:
+            end = min(ends)
+        elif following:
+            end = answer.find(following, pos)
+            if end == -1:
+                raise MessageMismatch(f"{following!r} does not follow {g.name!r} in {answer[pos:]!r}")
+        elif i + 1 < len(gens):
+            raise MessageMismatch(f"{g.name!r} and {gens[i + 1].name!r} have no text or stop between them")
+        else:
+            end = len(answer)
+        values.append(answer[pos:end])
+        pos = end
+    const = content[done:]
+    if not answer.startswith(const, pos):
+        raise MessageMismatch(f"expected {const!r} at {answer[pos:pos + len(const) + 16]!r}")
+    return values
