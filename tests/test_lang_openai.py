@@ -289,6 +289,15 @@ def test_chat_model_speculates_a_whole_message(chat: sgl.OpenAI, recorder: Recor
     assert isinstance(bad.error(), ValueError) and "does not follow" in str(bad.error())
     assert bad.api_usage().spec_misses == 1
 
+    @sgl.function(num_api_spec_tokens=12)
+    def early_read(s: Any) -> None:
+        s += sgl.user("Card?")
+        s += sgl.assistant_begin() + "Name:" + sgl.gen("name", stop="\n")
+        s["name"]  # the message is one call at its end: this cannot wait for it
+
+    with pytest.raises(RuntimeError, match="inside the assistant message"):
+        early_read.run(backend=chat, temperature=0)
+
 
 def test_fill_message_cuts_values_between_constant_texts() -> None:
     from radixfair.lang.speculative import DeferredGen, MessageMismatch, fill_message
@@ -449,3 +458,74 @@ def test_run_batch_sends_the_hoisted_prefix_once(server: LiveServer, recorder: R
         n_prefix = len(engine.tokenizer.encode(prefix))
         assert all(s.get_meta_info("answer")["cached_tokens"] >= n_prefix - 1 for s in states)
     native.shutdown()
+
+
+# ---- select by prompt logprobs, on a server that has them ----------------------------------------
+def _echo_server(echo: bool) -> tuple[LiveServer, list[dict[str, Any]]]:
+    """A /v1 stand-in: every character is a token, whose logprob is -0.1 for vowels and -2 otherwise;
+    `regex` answers the first alternative. With `echo=False` it refuses echo, as radixfair does."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    seen: list[dict[str, Any]] = []
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"data": [{"id": "fake"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, Any]) -> Any:
+        seen.append(body)
+        if body.get("echo"):
+            if not echo:
+                return JSONResponse({"error": {"message": "echo is not supported"}}, status_code=400)
+            prompts = body["prompt"]
+            choices = [{"index": i, "text": p, "finish_reason": "length", "logprobs": {
+                "tokens": list(p), "text_offset": list(range(len(p))),
+                "token_logprobs": [None] + [-0.1 if c in "aeiou" else -2.0 for c in p[1:]]}}
+                for i, p in enumerate(prompts)]
+            return {"choices": choices, "usage": {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0}}
+        first = body["regex"][1:-1].split("|")[0].replace("\\", "")
+        return {"choices": [{"index": 0, "text": first, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1}}
+
+    return LiveServer(app), seen
+
+
+def test_select_scores_choices_by_prompt_logprobs_where_the_server_has_them() -> None:
+    server, seen = _echo_server(echo=True)
+
+    @sgl.function
+    def pick(s: Any, method: ChoicesSamplingMethod) -> None:
+        s += "Q: pick\nA:"
+        s += sgl.select("x", choices=["xyz", "aei", "bob"], choices_method=method)
+
+    try:
+        backend = sgl.OpenAI(base_url=server.url + "/v1", is_chat_model=False)
+        state = pick.run(method=sgl.token_length_normalized, backend=backend)
+        meta = state.get_meta_info("x")
+        # the choice whose own characters (tokens) have the highest mean logprob
+        assert state["x"] == "aei" and meta["select_mode"] == "logprobs"
+        assert meta["normalized_prompt_logprobs"] == pytest.approx([-2.0, -0.1, (-2 - 0.1 - 2) / 3])
+        assert seen[-1]["prompt"] == ["Q: pick\nA:xyz", "Q: pick\nA:aei", "Q: pick\nA:bob"]
+        assert seen[-1]["max_tokens"] == 0 and seen[-1]["echo"]
+        assert pick.run(method=sgl.greedy_token_selection, backend=backend)["x"] == "aei"
+        seen.clear()
+        state = pick.run(method=sgl.unconditional_likelihood_normalized, backend=backend)
+        assert state.error() is None and [b["prompt"] for b in seen][-1] == ["xyz", "aei", "bob"]
+    finally:
+        server.stop()
+    server, seen = _echo_server(echo=False)
+    try:
+        backend = sgl.OpenAI(base_url=server.url + "/v1", is_chat_model=False)
+        for _ in range(2):
+            state = pick.run(method=sgl.token_length_normalized, backend=backend)
+            assert state["x"] == "xyz" and state.get_meta_info("x")["select_mode"] == "constrained"
+        assert [bool(b.get("echo")) for b in seen] == [True, False, False]  # asked once, then constrained
+        assert seen[-1]["regex"] == "(xyz|aei|bob)"
+        strict = sgl.OpenAI(base_url=server.url + "/v1", is_chat_model=False, select_mode="logprobs")
+        err = pick.run(method=sgl.token_length_normalized, backend=strict).error()
+        assert isinstance(err, BackendError) and err.status == 400 and "echo" in str(err)
+    finally:
+        server.stop()

@@ -62,6 +62,9 @@ class StreamExecutor:
         self.api_usage = ApiUsage(parent=backend.api_usage)
         # a chat model's assistant message under speculation: its gens, run as one call at its end
         self._deferred: list[DeferredGen] = []
+        # the same seen from the program's thread: the gens of the message it has not closed yet,
+        # whose values cannot be read before it does
+        self._open_message: set[str] | None = None
 
         self.text_ = ""
         self.messages_: list[dict[str, Any]] = []
@@ -91,6 +94,8 @@ class StreamExecutor:
 
     # ---- what the caller's thread does -------------------------------------------------------
     def submit(self, expr: Expr) -> None:
+        if self.speculation is not None and self.backend.is_chat_model:
+            self._track_message(expr)
         for name in named_exprs(expr):
             event = threading.Event()
             if self.error_ is not None:
@@ -118,7 +123,25 @@ class StreamExecutor:
             self._finish()
         self.backend.end_program(self)
 
+    def _track_message(self, expr: Expr) -> None:
+        if isinstance(expr, ExprList):
+            for e in expr.exprs:
+                self._track_message(e)
+        elif isinstance(expr, RoleBegin) and expr.role == "assistant":
+            self._open_message = set()
+        elif isinstance(expr, RoleEnd) and expr.role == "assistant":
+            self._open_message = None
+        elif isinstance(expr, Gen) and expr.name is not None and self._open_message is not None:
+            self._open_message.add(expr.name)
+
+    def _check_readable(self, name: str) -> None:
+        if self._open_message is not None and name in self._open_message:
+            raise RuntimeError(f"{name!r} is read inside the assistant message that generates it: with API "
+                               "speculative execution on a chat model the message is one call at its end; "
+                               "read it after the message")
+
     def get_var(self, name: str) -> Any:
+        self._check_readable(name)
         event = self.variable_event.get(name)
         if event is not None:
             event.wait()
@@ -132,6 +155,7 @@ class StreamExecutor:
         self.variables[name] = value
 
     def get_meta_info(self, name: str, timeout: float | None = None) -> Any:
+        self._check_readable(name)
         event = self.variable_event.get(name)
         if event is not None and not event.wait(timeout):
             raise TimeoutError(f"timed out waiting for {name!r}")
