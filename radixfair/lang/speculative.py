@@ -93,13 +93,14 @@ class Speculation:
             self.drop(s)
             return s.call_generate(params)
         if self.active:
-            if self.key == _key(params):
+            same = self.key == _key(params)
+            if same:
                 answer = self._answer(params)
                 if answer is not None:
                     text, meta = answer
                     s.api_usage.add(spec_hits=1, input_tokens_saved=self.prompt_tokens + self.followed_tokens)
                     return text, meta
-            self.drop(s)
+            self.drop(s, missed=not same)  # same settings: the speculation ran out, it did not miss
         cont = s.call_speculate(dataclasses.replace(
             params, max_new_tokens=max(self.num_tokens, params.max_new_tokens), stop=()))
         self._load(cont, params)

@@ -19,7 +19,7 @@ class UsageCounts:
     output_tokens: int = 0
     spec_calls: int = 0  # calls that speculated past their own gen's stop
     spec_hits: int = 0  # gens answered from speculated text, without a call
-    spec_misses: int = 0  # speculations dropped because the program went another way
+    spec_misses: int = 0  # speculations dropped because the program's text or settings went another way
     input_tokens_saved: int = 0  # prompt tokens the hits would have sent (estimated from the speculation)
 
     @property
