@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from radixfair.io_struct import EngineRequest, TokenizedRequest
+from radixfair.io_struct import EngineOutput, EngineRequest, TokenizedRequest
+from radixfair.metrics.live_fairness import FairnessSource, FairnessView
 from radixfair.sampling_params import is_utf8
 from radixfair.server.admission import Admission
 from radixfair.server.auth import Identity
 from radixfair.server.errors import APIError, param_of, unavailable
 from radixfair.server.metrics import ServerMetrics
 from radixfair.server.request_log import RequestLog
+from radixfair.server.trace_recorder import TraceRecorder
 
 if TYPE_CHECKING:
     from radixfair.engine.engine import Engine
@@ -29,6 +31,9 @@ class ServerState:
     admission: Admission
     incremental_streaming_output: bool = False
     request_log: RequestLog | None = None  # --log-requests
+    fairness: FairnessView = field(default_factory=FairnessView)  # /fairness, /dashboard
+    fairness_source: FairnessSource | None = None  # what the view reads (the engine's stats)
+    trace_recorder: TraceRecorder | None = None  # --record-trace
     _token_texts: dict[int, str] = field(default_factory=dict)  # bounded by the vocabulary
 
     @property
@@ -40,6 +45,13 @@ class ServerState:
     def model_name(self) -> str:
         """The id /v1/models lists (--served-model-name, or the model's clean name): never a path."""
         return self.engine.model_names.served
+
+    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput) -> None:
+        """A request's last output: count it in the metrics, the fairness view and the trace."""
+        self.metrics.observe(client, out)
+        self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
+        if self.trace_recorder is not None and out.error is None and out.prompt_tokens > 0:
+            self.trace_recorder.record(client, treq.input_ids, out.completion_tokens, out.e2e_latency)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

@@ -51,7 +51,7 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
                     if text is not None:
                         text.append(out.text)
                     if out.finished:
-                        state.metrics.observe(client, out)
+                        state.finished(client, treq, out)
                         if log is not None:
                             log.finished(client, treq, out, None if text is None else "".join(text))
         finally:
