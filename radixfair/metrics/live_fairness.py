@@ -31,6 +31,7 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_HISTORY_S = 600.0
 MAX_HISTORY_POINTS = 240  # points per client in `history` (older samples are merged)
 LATENCY_SAMPLES = 512  # finished requests kept per client for the percentiles
+MAX_SAMPLE_INTERVAL_S = 2.0
 
 
 def fairness_bound(policy: str, w_in: float, w_out: float, quantum: float, max_input_len: int,
@@ -94,6 +95,9 @@ class FairnessView:
         self.window_s = window_s
         self.history_s = history_s
         self.max_clients = max_clients
+        # about 30 samples per window, at most one every 2 s; readings closer together than most of
+        # an interval are not kept, so that a rate is never a difference over a few milliseconds
+        self.interval_s = min(MAX_SAMPLE_INTERVAL_S, max(window_s / 30.0, 0.1))
         self._samples: deque[_Sample] = deque()
         self._finished: dict[str, deque[_Finished]] = {}
         self._lock = threading.Lock()
@@ -107,8 +111,8 @@ class FairnessView:
         s = _Sample(snap.time, {c.client: c.service for c in kept}, snap.input_tokens, snap.cached_tokens,
                     snap.decode_tokens)
         with self._lock:
-            if self._samples and s.time <= self._samples[-1].time:
-                return  # out of order (two readers raced): the later reading is already in
+            if self._samples and s.time < self._samples[-1].time + 0.8 * self.interval_s:
+                return  # too close to the last one (or out of order: two readers raced)
             self._samples.append(s)
             while self._samples and self._samples[0].time < s.time - self.history_s:
                 self._samples.popleft()
@@ -129,15 +133,16 @@ class FairnessView:
 
     # ---- output --------------------------------------------------------------------------------
     def report(self, snap: FairnessSnapshot, workers: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-        """The `/fairness` JSON for `snap` (which is also recorded as a sample). `workers` (a
-        router's `url`, `load`, `healthy`, ...) is passed through when given."""
+        """The `/fairness` JSON for `snap` (which is also recorded as a sample, if due). `workers`
+        (a router's: `url`, `load`, `healthy`, `clients`) is passed through when given; the
+        dashboard then shows a table of them."""
         self.sample(snap)
         now = snap.time
         with self._lock:
             samples = list(self._samples)
             finished = {c: [f for f in q if f.time >= now - self.window_s] for c, q in self._finished.items()}
         start = now - self.window_s
-        in_window = [s for s in samples if s.time >= start] or samples[-1:]
+        in_window = [s for s in samples if s.time >= start and s.time <= now] or samples[-1:]
         base = in_window[0]
         span = max(now - base.time, 1e-9)
         d_input = snap.input_tokens - base.input_tokens

@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-MAX_SAMPLE_INTERVAL_S = 2.0
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -65,17 +64,12 @@ def source_of(state: ServerState) -> FairnessSource:
     return state.fairness_source
 
 
-def sample_interval(window_s: float) -> float:
-    """About 30 samples per window, at most one every 2 s."""
-    return min(MAX_SAMPLE_INTERVAL_S, max(window_s / 30.0, 0.1))
-
-
 @contextlib.asynccontextmanager
 async def sampling(app: FastAPI) -> AsyncIterator[None]:
-    """App lifespan: read the engine every `sample_interval` so that the service-over-time history
+    """App lifespan: read the engine every `FairnessView.interval_s` so that the service-over-time history
     exists before anyone opens the dashboard; close the trace recorder at shutdown."""
     state: ServerState = app.state.radixfair
-    interval = sample_interval(state.fairness.window_s)
+    interval = state.fairness.interval_s
 
     async def loop() -> None:
         while True:
