@@ -1,4 +1,4 @@
-"""`radixfair` command line: generate, serve, bench."""
+"""`radixfair` command line: generate, serve, tune, bench."""
 
 from __future__ import annotations
 
@@ -164,6 +164,111 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(ns: argparse.Namespace) -> int:
+    from dataclasses import replace as dc_replace
+
+    from tqdm import tqdm
+
+    from radixfair.bench.report import print_table, write_json
+    from radixfair.sched.policies import PolicyConfig
+    from radixfair.sim.cost_model import load_profile
+    from radixfair.sim.simulator import SIM_SCHEDULER
+    from radixfair.sim.trace import read_jsonl
+    from radixfair.sim.tuner import TuneConfig, curve, label, plot, serve_flags, tune
+
+    def floats(spec: str, flag_name: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in spec.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"{flag_name}: expected a comma list of numbers, got {spec!r}") from None
+
+    scheduler = SIM_SCHEDULER
+    if ns.max_total_tokens is not None:
+        scheduler = dc_replace(scheduler, max_total_tokens=ns.max_total_tokens)
+    if ns.max_running_requests is not None:
+        scheduler = dc_replace(scheduler, max_running_requests=ns.max_running_requests)
+    cfg = TuneConfig(policies=tuple(p.strip() for p in ns.policies.split(",") if p.strip()),
+                     quanta=floats(ns.quanta, "--quanta"), router_quanta=floats(ns.router_quanta, "--router-quanta"),
+                     workers=ns.workers, jain_target=ns.jain_target, window=ns.window, scheduler=scheduler,
+                     policy_config=PolicyConfig(w_in=ns.w_in, w_out=ns.w_out))
+    trace = read_jsonl(ns.trace)
+    cost = load_profile(ns.profile)
+    with tqdm(desc="tune", unit="run", disable=not sys.stderr.isatty()) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        rows = tune(trace, cost, cfg, progress)
+    span = max(r.time for r in trace)
+    title = (f"radixfair tune: {ns.trace}, {len(trace)} requests over {span:.0f} s, {ns.workers} worker(s), "
+             f"cost model {cost.name}, KV pool {scheduler.max_total_tokens} tokens")
+    print_table(
+        ["", "policy", "quantum", "router quantum", "tok/s", "Jain", "max svc diff", "p99 e2e (s)", "hit rate",
+         "done/arrived"],
+        [["*" if r["recommended"] else "", r["policy"], _opt(r["quantum"], ".0f"), _opt(r["router_quantum"], ".0f"),
+          f"{r['throughput']:.0f}", _opt(r["jain"], ".3f"), _opt(r["max_service_diff"], ".0f"),
+          _opt(r["p99_latency"], ".1f"), f"{r['hit_rate']:.3f}", f"{r['completed']}/{r['requests']}"] for r in rows],
+        title=title + f"; Jain target {cfg.jain_target:g}", width=150)
+    print("throughput-fairness curve (fairest first):")
+    for line in curve(rows, cfg.jain_target):
+        print("  " + line)
+    best = next(r for r in rows if r["recommended"])
+    if best["meets_target"]:
+        print(f"recommended: {label(best)} (Jain {best['jain']:.3f} >= {cfg.jain_target:g}, "
+              f"{best['throughput']:.0f} tok/s)")
+    else:
+        print(f"no setting reaches Jain {cfg.jain_target:g}; the fairest is {label(best)} "
+              f"(Jain {_opt(best['jain'], '.3f')})")
+    print(f"apply it with:\n  {serve_flags(best)}")
+    write_json(ns.json, rows)
+    if ns.plot:
+        plot(rows, ns.plot, cfg.jain_target, title)
+        print(f"wrote {ns.plot}")
+    return 0
+
+
+def _opt(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    from radixfair.sim.tuner import (
+        DEFAULT_JAIN_TARGET,
+        DEFAULT_POLICIES,
+        DEFAULT_QUANTA,
+        DEFAULT_ROUTER_QUANTA,
+    )
+
+    def join(xs: Sequence[float]) -> str:
+        return ",".join(f"{x:g}" for x in xs)
+
+    p.add_argument("--trace", required=True, metavar="JSONL",
+                   help="the trace to replay: `serve --record-trace`'s, or any simulator trace")
+    p.add_argument("--profile", default="cpu-smollm2",
+                   help="cost model: a bundled profile or a JSON path (`bench calibrate` writes one for this "
+                        "machine; default cpu-smollm2, calibrated on a CPU like this one)")
+    p.add_argument("--workers", type=int, default=1, help="simulated workers behind one router")
+    p.add_argument("--jain-target", type=float, default=DEFAULT_JAIN_TARGET,
+                   help="the lowest acceptable Jain's index over the backlogged clients' service rates")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="workers' scheduling policies to try")
+    p.add_argument("--quanta", default=join(DEFAULT_QUANTA), help="DLPM quanta to try (comma list)")
+    p.add_argument("--router-quanta", default=join(DEFAULT_ROUTER_QUANTA),
+                   help="D2LPM router quanta to try with --workers > 1 (comma list)")
+    p.add_argument("--window", type=float, default=10.0, help="seconds per service window of Jain's index")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="each simulated worker's KV pool (default 16384); match the server's for a faithful replay")
+    p.add_argument("--max-running-requests", type=int, default=None,
+                   help="each simulated worker's batch limit (default the engine's)")
+    p.add_argument("--w-in", type=float, default=1.0, help="cost of an uncached prompt token")
+    p.add_argument("--w-out", type=float, default=2.0, help="cost of an output token")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="rows: policy, quantum, router_quantum, throughput, jain, max_service_diff, p99_latency, "
+                        "recommended (and routing, hit_rate, completed, requests, meets_target)")
+    p.add_argument("--plot", default=None, metavar="PATH", help="PNG of throughput against Jain's index")
+    p.set_defaults(func=_cmd_tune)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """`radixfair serve`'s flags: the server's and the engine's (`python -m radixfair.launch_server` too)."""
     from radixfair.server.server_args import ServerArgs
@@ -190,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("tune", help="replay a trace in the simulator under each fairness setting and recommend "
+                                    "the quantum that meets a Jain target with the most throughput")
+    add_tune_args(t)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
