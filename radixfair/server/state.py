@@ -46,12 +46,18 @@ class ServerState:
         """The id /v1/models lists (--served-model-name, or the model's clean name): never a path."""
         return self.engine.model_names.served
 
-    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput) -> None:
-        """A request's last output: count it in the metrics, the fairness view and the trace."""
-        self.metrics.observe(client, out)
-        self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
-        if self.trace_recorder is not None and out.error is None and out.prompt_tokens > 0:
-            self.trace_recorder.record(client, treq.input_ids, out.completion_tokens, out.e2e_latency)
+    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput | None, arrival: float) -> None:
+        """A request left: count its last output in the metrics and the fairness view, and record it
+        in the trace. `out` None: it was abandoned before its last output (its client left)."""
+        if out is not None:
+            self.metrics.observe(client, out)
+            self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
+        rec = self.trace_recorder
+        if rec is None or (out is not None and out.error is not None):
+            return  # refused requests never ran: not part of the load to replay
+        completed = out is not None and (out.finish_reason is None or out.finish_reason.type != "abort")
+        rec.record(client, treq.input_ids, out.completion_tokens if completed and out is not None
+                   else treq.sampling_params.max_new_tokens, arrival)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -41,6 +42,10 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
     q: asyncio.Queue[tuple[int, EngineOutput | None]] = asyncio.Queue()
 
     log = state.request_log
+    arrival = time.monotonic()
+    # which requests were seen to the end: the others (their client left, even before their pump
+    # ran) are still counted as having arrived, for --record-trace
+    ended = [False] * len(treqs)
 
     async def pump(i: int, treq: TokenizedRequest) -> None:
         text: list[str] | None = [] if log is not None and log.wants_text else None
@@ -51,7 +56,8 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
                     if text is not None:
                         text.append(out.text)
                     if out.finished:
-                        state.finished(client, treq, out)
+                        ended[i] = True
+                        state.finished(client, treq, out, arrival)
                         if log is not None:
                             log.finished(client, treq, out, None if text is None else "".join(text))
         finally:
@@ -70,6 +76,9 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for i, treq in enumerate(treqs):
+            if not ended[i]:
+                state.finished(client, treq, None, arrival)
 
 
 async def collect(state: ServerState, treqs: list[TokenizedRequest], client: str,

@@ -1,9 +1,11 @@
 """`--record-trace PATH`: served traffic as a simulator trace, for `bench sim --trace`, `bench
 fairness --trace` and `radixfair tune`.
 
-One JSONL record per finished request (`TraceRecord.recorded`): arrival time in seconds since the
-recorder started, client, the prompt as a chain of block hashes (its token ids only with
-`--record-trace-tokens`: prompts are users' data), and the output length actually served. Records
+One JSONL record per request that left the server (`TraceRecord.recorded`): arrival time in seconds
+since the recorder started, client, the prompt as a chain of block hashes (its token ids only with
+`--record-trace-tokens`: prompts are users' data), and the output length: the tokens served, or for a
+request aborted before it finished (its client left, or the server was cut off) the `max_new_tokens`
+it asked for, since a replay must offer the load that arrived, not the part that was served. Records
 are written as requests finish, so the file is not in arrival order; the trace reader sorts it. Past
 `max_bytes` the file rotates: PATH -> PATH.1 -> PATH.2 ..., `BACKUPS` of them kept.
 """
@@ -39,10 +41,9 @@ class TraceRecorder:
         except OSError as e:
             raise ValueError(f"--record-trace {path}: cannot open it for writing ({e.strerror})") from None
 
-    def record(self, client: str, input_ids: Sequence[int], output_len: int, e2e_latency: float,
-               now: float | None = None) -> None:
-        """A request that finished at `now` (monotonic) after `e2e_latency` seconds."""
-        t = (time.monotonic() if now is None else now) - e2e_latency - self.start
+    def record(self, client: str, input_ids: Sequence[int], output_len: int, arrival: float) -> None:
+        """A request that arrived at `arrival` (time.monotonic())."""
+        t = arrival - self.start
         with self._lock:
             if self._file is None:
                 return
