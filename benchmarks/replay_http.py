@@ -57,14 +57,18 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
     p.add_argument("--clients", type=int, default=FAIRNESS_TRACE.num_clients)
     p.add_argument("--rate", type=float, default=FAIRNESS_TRACE.rate, help="requests/s of each light client")
+    p.add_argument("--doc-len", default=None, help="document tokens LO,HI (default bench fairness's)")
     p.add_argument("--drain", type=float, default=0.0, help="seconds to wait after the last arrival, then cut off")
     p.add_argument("--vocab-size", type=int, default=49152, help="the served model's (SmolLM2: 49152)")
     ns = p.parse_args()
     if ns.trace:
         wl = workload_from_trace(read_jsonl(ns.trace), ns.vocab_size, ns.duration)
     else:
-        wl = make_workload(replace(FAIRNESS_TRACE, duration=ns.duration, num_clients=ns.clients, rate=ns.rate),
-                           ns.vocab_size)
+        cfg = replace(FAIRNESS_TRACE, duration=ns.duration, num_clients=ns.clients, rate=ns.rate)
+        if ns.doc_len:
+            lo, hi = (int(x) for x in ns.doc_len.split(","))
+            cfg = replace(cfg, doc_len=(lo, hi))
+        wl = make_workload(cfg, ns.vocab_size)
     ok, failed, cut = asyncio.run(replay(ns.url, wl, ns.duration, ns.drain))
     print(f"replayed {ok + failed + cut} requests over {ns.duration:g} s: {ok} completed, {failed} failed, "
           f"{cut} cut off")
