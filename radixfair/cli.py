@@ -165,32 +165,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_tune(ns: argparse.Namespace) -> int:
-    from dataclasses import replace as dc_replace
-
     from tqdm import tqdm
 
     from radixfair.bench.report import print_table, write_json
-    from radixfair.sched.policies import PolicyConfig
     from radixfair.sim.cost_model import load_profile
-    from radixfair.sim.simulator import SIM_SCHEDULER
     from radixfair.sim.trace import read_jsonl
-    from radixfair.sim.tuner import TuneConfig, curve, label, plot, serve_flags, tune
+    from radixfair.sim.tuner import TuneArgs, curve, label, plot, serve_flags, tune
 
-    def floats(spec: str, flag_name: str) -> tuple[float, ...]:
-        try:
-            return tuple(float(x) for x in spec.split(",") if x.strip())
-        except ValueError:
-            raise ValueError(f"{flag_name}: expected a comma list of numbers, got {spec!r}") from None
-
-    scheduler = SIM_SCHEDULER
-    if ns.max_total_tokens is not None:
-        scheduler = dc_replace(scheduler, max_total_tokens=ns.max_total_tokens)
-    if ns.max_running_requests is not None:
-        scheduler = dc_replace(scheduler, max_running_requests=ns.max_running_requests)
-    cfg = TuneConfig(policies=tuple(p.strip() for p in ns.policies.split(",") if p.strip()),
-                     quanta=floats(ns.quanta, "--quanta"), router_quanta=floats(ns.router_quanta, "--router-quanta"),
-                     workers=ns.workers, jain_target=ns.jain_target, window=ns.window, scheduler=scheduler,
-                     policy_config=PolicyConfig(w_in=ns.w_in, w_out=ns.w_out))
+    cfg = TuneArgs(**flag_values(TuneArgs, ns)).config()
+    scheduler = cfg.scheduler
     trace = read_jsonl(ns.trace)
     cost = load_profile(ns.profile)
     with tqdm(desc="tune", unit="run", disable=not sys.stderr.isatty()) as bar:
@@ -233,35 +216,11 @@ def _opt(x: float | None, fmt: str) -> str:
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
-    from radixfair.sim.tuner import (
-        DEFAULT_JAIN_TARGET,
-        DEFAULT_POLICIES,
-        DEFAULT_QUANTA,
-        DEFAULT_ROUTER_QUANTA,
-    )
-
-    def join(xs: Sequence[float]) -> str:
-        return ",".join(f"{x:g}" for x in xs)
+    from radixfair.sim.tuner import TuneArgs
 
     p.add_argument("--trace", required=True, metavar="JSONL",
                    help="the trace to replay: `serve --record-trace`'s, or any simulator trace")
-    p.add_argument("--profile", default="cpu-smollm2",
-                   help="cost model: a bundled profile or a JSON path (`bench calibrate` writes one for this "
-                        "machine; default cpu-smollm2, calibrated on a CPU like this one)")
-    p.add_argument("--workers", type=int, default=1, help="simulated workers behind one router")
-    p.add_argument("--jain-target", type=float, default=DEFAULT_JAIN_TARGET,
-                   help="the lowest acceptable Jain's index over the backlogged clients' service rates")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="workers' scheduling policies to try")
-    p.add_argument("--quanta", default=join(DEFAULT_QUANTA), help="DLPM quanta to try (comma list)")
-    p.add_argument("--router-quanta", default=join(DEFAULT_ROUTER_QUANTA),
-                   help="D2LPM router quanta to try with --workers > 1 (comma list)")
-    p.add_argument("--window", type=float, default=10.0, help="seconds per service window of Jain's index")
-    p.add_argument("--max-total-tokens", type=int, default=None,
-                   help="each simulated worker's KV pool (default 16384); match the server's for a faithful replay")
-    p.add_argument("--max-running-requests", type=int, default=None,
-                   help="each simulated worker's batch limit (default the engine's)")
-    p.add_argument("--w-in", type=float, default=1.0, help="cost of an uncached prompt token")
-    p.add_argument("--w-out", type=float, default=2.0, help="cost of an output token")
+    add_flags(p, TuneArgs)
     p.add_argument("--json", default=None, metavar="PATH",
                    help="rows: policy, quantum, router_quantum, throughput, jain, max_service_diff, p99_latency, "
                         "recommended (and routing, hit_rate, completed, requests, meets_target)")

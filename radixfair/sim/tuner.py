@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from radixfair.config_flags import flag
 from radixfair.router.policies import D2LPMConfig, RouterConfig, worker_policy
 from radixfair.sched.policies import POLICIES, PolicyConfig
 from radixfair.sched.scheduler import SchedulerConfig
@@ -66,6 +67,51 @@ class TuneConfig:
             raise ValueError(f"--jain-target must be in (0, 1], got {self.jain_target}")
         if not self.window > 0:
             raise ValueError(f"--window must be > 0, got {self.window}")
+
+
+def _join(xs: Sequence[float]) -> str:
+    return ",".join(f"{x:g}" for x in xs)
+
+
+@dataclass(frozen=True)
+class TuneArgs:
+    """`radixfair tune`'s settings, each flag declared once here; `config()` checks and parses them."""
+
+    profile: str = flag("cpu-smollm2", "cost model: a bundled profile or a `bench calibrate` JSON; calibrate on "
+                                       "the serving machine for a faithful replay")
+    workers: int = flag(1, "simulated workers behind one router")
+    jain_target: float = flag(DEFAULT_JAIN_TARGET, "the lowest acceptable Jain's index over the backlogged "
+                                                   "clients' service rates")
+    policies: str = flag(",".join(DEFAULT_POLICIES), "workers' scheduling policies to try (comma list)")
+    quanta: str = flag(_join(DEFAULT_QUANTA), "DLPM quanta to try (comma list)")
+    router_quanta: str = flag(_join(DEFAULT_ROUTER_QUANTA), "D2LPM router quanta to try with --workers > 1 "
+                                                             "(comma list)")
+    window: float = flag(10.0, "seconds per service window of Jain's index")
+    max_total_tokens: int | None = flag(None, "each simulated worker's KV pool; match the server's",
+                                        none_means=str(SIM_SCHEDULER.max_total_tokens))
+    max_running_requests: int | None = flag(None, "each simulated worker's batch limit; match the server's",
+                                            none_means=str(SIM_SCHEDULER.max_running_requests))
+    w_in: float = flag(PolicyConfig.w_in, "cost of an uncached prompt token")
+    w_out: float = flag(PolicyConfig.w_out, "cost of an output token")
+
+    def config(self) -> TuneConfig:
+        scheduler = SIM_SCHEDULER
+        if self.max_total_tokens is not None:
+            scheduler = replace(scheduler, max_total_tokens=self.max_total_tokens)
+        if self.max_running_requests is not None:
+            scheduler = replace(scheduler, max_running_requests=self.max_running_requests)
+        return TuneConfig(policies=tuple(p.strip() for p in self.policies.split(",") if p.strip()),
+                          quanta=_floats(self.quanta, "--quanta"),
+                          router_quanta=_floats(self.router_quanta, "--router-quanta"), workers=self.workers,
+                          jain_target=self.jain_target, window=self.window, scheduler=scheduler,
+                          policy_config=PolicyConfig(w_in=self.w_in, w_out=self.w_out))
+
+
+def _floats(spec: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma list of numbers, got {spec!r}") from None
 
 
 def settings(cfg: TuneConfig) -> list[Setting]:
