@@ -209,3 +209,48 @@ def test_operator_key_guards_page_and_data(engine: Engine, browser: Any) -> None
     finally:
         traffic.close()
         srv.stop()
+
+
+def test_dashboard_shows_a_routers_workers(browser: Any) -> None:
+    """A router plugs its view in through `FairnessView.report(..., workers=...)`: the same page
+    then draws a workers table, an unhealthy worker highlighted."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from radixfair.io_struct import ClientStats
+    from radixfair.metrics.live_fairness import FairnessSnapshot, FairnessView
+    from radixfair.server.fairness import page
+
+    view = FairnessView(window_s=30.0)
+    t = [0.0]
+    workers = [{"url": "http://w0:30000", "load": 12, "healthy": True, "clients": ["heavy", "light-a"]},
+               {"url": "http://w1:30000", "load": 0, "healthy": False, "clients": []}]
+
+    def snapshot() -> FairnessSnapshot:
+        t[0] += 5.0
+        k = t[0]
+        return FairnessSnapshot(time=k, policy="dlpm", quantum=4096.0, balance="deficit", bound=100.0,
+                                input_tokens=int(100 * k), cached_tokens=int(50 * k), decode_tokens=int(10 * k),
+                                kv_used=0.5, clients=(ClientStats("heavy", 3, 2, 40.0 * k, -10.0),
+                                                      ClientStats("light-a", 2, 1, 5.0 * k, 30.0)))
+
+    app = FastAPI()
+    app.get("/dashboard")(lambda: HTMLResponse(page("dashboard.html")))
+    app.get("/fairness")(lambda: view.report(snapshot(), workers=workers))
+    srv = LiveServer(app)
+    try:
+        browser.get(srv.url + "/dashboard")
+        WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        assert "http://w0:30000" in rows[0].text and "heavy, light-a" in rows[0].text
+        assert rows[1].get_attribute("class") == "behind" and "no" in rows[1].text
+        # light-a waits and trails heavy by far more than the bound: its row is highlighted
+        WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#clients tr[data-client='light-a']").get_attribute("class")
+            == "behind")
+        assert browser.find_element(By.CSS_SELECTOR, "#clients tr[data-client='heavy']").get_attribute("class") == ""
+    finally:
+        srv.stop()

@@ -170,3 +170,22 @@ def test_tune_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                                                                                   (1024.0, 65536.0, "d2lpm")]
     assert "--router-quantum" in capsys.readouterr().out
     assert cli_main(["tune", "--trace", str(path), "--policies", "nope"]) == 2
+
+
+def test_bench_fairness_reads_a_recorded_trace(tmp_path: Path) -> None:
+    """`bench fairness --trace` turns a recorded trace into its workload: prompt lengths kept, the
+    prefixes the recording shared still shared (to the block), different ones different."""
+    from radixfair.bench.fairness_workload import workload_from_trace
+
+    trace = read_jsonl(_recorded_s1(tmp_path))
+    wl = workload_from_trace(trace, vocab_size=49152)
+    assert len(wl.arrivals) == len(trace) and wl.heavy_client == "c0"
+    by_client: dict[str, list[list[int]]] = {}
+    for a, r in zip(wl.arrivals, trace, strict=True):
+        assert len(a.input_ids) == r.prompt_len and a.max_new_tokens == r.output_len
+        by_client.setdefault(a.client, []).append(a.input_ids)
+    docs = {c: ids[0] for c, ids in by_client.items()}
+    for c, prompts in by_client.items():
+        # every question of a client starts with its document (1,024+ tokens: 64 whole blocks at least)
+        assert all(p[:1024] == prompts[0][:1024] for p in prompts)
+        assert all(docs[c][:16] != docs[o][:16] for o in docs if o != c)
