@@ -55,9 +55,11 @@ class ServerState:
         rec = self.trace_recorder
         if rec is None or (out is not None and out.error is not None):
             return  # refused requests never ran: not part of the load to replay
-        completed = out is not None and (out.finish_reason is None or out.finish_reason.type != "abort")
-        rec.record(client, treq.input_ids, out.completion_tokens if completed and out is not None
-                   else treq.sampling_params.max_new_tokens, arrival)
+        # what it was served; cut off before the end, what it asked for (the load that arrived)
+        output_len = treq.sampling_params.max_new_tokens
+        if out is not None and (out.finish_reason is None or out.finish_reason.type != "abort"):
+            output_len = out.completion_tokens
+        rec.record(client, treq.input_ids, output_len, arrival)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
