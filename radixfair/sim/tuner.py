@@ -12,6 +12,7 @@ highest throughput whose Jain's index reaches the target; if none does, the fair
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -254,7 +255,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str, target: float, title: str) -
     ax.set_ylabel("throughput (prompt + output tokens/s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
