@@ -104,8 +104,11 @@ def test_readings_too_close_are_not_samples() -> None:
     view = FairnessView(window_s=60.0)  # one sample every 2 s
     view.sample(snap(0.0, [ClientStats("a", 1, 0, 0.0)]))
     view.sample(snap(0.01, [ClientStats("a", 1, 0, 1000.0)]))
+    assert view.latest is not None and view.latest.time == 0.01  # the newest reading, kept or not
     out = view.report(snap(4.0, [ClientStats("a", 1, 0, 1000.0)]))
     assert out["history"]["service_rate"]["a"] == [pytest.approx(250.0)]
+    view.sample(snap(3.0, [ClientStats("a", 1, 0, 900.0)]))  # an older reading that lost a race
+    assert view.latest is not None and view.latest.time == 4.0
 
 
 def test_fairness_bound() -> None:

@@ -100,7 +100,14 @@ class FairnessView:
         self.interval_s = min(MAX_SAMPLE_INTERVAL_S, max(window_s / 30.0, 0.1))
         self._samples: deque[_Sample] = deque()
         self._finished: dict[str, deque[_Finished]] = {}
+        self._latest: FairnessSnapshot | None = None
         self._lock = threading.Lock()
+
+    @property
+    def latest(self) -> FairnessSnapshot | None:
+        """The newest snapshot sampled: what a reader may report without reading the source again."""
+        with self._lock:
+            return self._latest
 
     # ---- input ---------------------------------------------------------------------------------
     def sample(self, snap: FairnessSnapshot) -> None:
@@ -111,6 +118,8 @@ class FairnessView:
         s = _Sample(snap.time, {c.client: c.service for c in kept}, snap.input_tokens, snap.cached_tokens,
                     snap.decode_tokens)
         with self._lock:
+            if self._latest is None or snap.time >= self._latest.time:
+                self._latest = snap
             if self._samples and s.time < self._samples[-1].time + 0.8 * self.interval_s:
                 return  # too close to the last one (or out of order: two readers raced)
             self._samples.append(s)

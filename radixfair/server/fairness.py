@@ -92,10 +92,13 @@ async def sampling(app: FastAPI) -> AsyncIterator[None]:
 
 @router.get("/fairness")
 def fairness(request: Request, state: State) -> dict[str, Any]:
-    # sync handler: reading the stats waits on the scheduler thread
     require_admin(request)
     state.check_alive()
-    return state.fairness.report(source_of(state).fairness_snapshot())
+    # the sampler's latest reading (at most one interval old): a long forward pass holds the
+    # scheduler thread for seconds on a CPU, and the dashboard must not hang on it. Read afresh
+    # (a sync handler: it waits on the scheduler thread) only before the first sample.
+    snap = state.fairness.latest
+    return state.fairness.report(snap if snap is not None else source_of(state).fairness_snapshot())
 
 
 @cache
