@@ -13,7 +13,7 @@ from radixfair.io_struct import ClientStats
 from radixfair.metrics.live_fairness import FairnessSnapshot, FairnessView, fairness_bound
 from radixfair.sched.policies import PolicyConfig
 from radixfair.sim import SimConfig, Simulator, load_profile
-from radixfair.sim.trace import generate
+from radixfair.sim.trace import TraceRecord, generate
 
 
 def snap(t: float, clients: list[ClientStats], balance: str = "deficit", bound: float = 500.0,
@@ -142,3 +142,17 @@ def test_scheduler_reports_each_clients_service(policy: str, balance: str) -> No
         else:
             assert got[client].balance is None
     assert "clients" not in stats.to_dict()  # names clients: not in /get_server_info
+
+
+def test_scheduler_service_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `MAX_SERVICE_CLIENTS` the scheduler forgets clients with nothing in the system."""
+    import radixfair.sched.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_SERVICE_CLIENTS", 3)
+    # 12 clients arriving one after another, each done before the next: at most 3 totals are kept
+    trace = [TraceRecord(time=10.0 * i, client=f"u{i}", output_len=4, segments=((f"doc{i}", 64),), rid=f"r{i}")
+             for i in range(12)]
+    sim = Simulator(trace, load_profile("cpu-smollm2"), SimConfig(policy="dlpm"))
+    sim.run()
+    kept = {c.client for c in sim.workers[0].scheduler.stats().clients}
+    assert len(kept) <= 3 and "u11" in kept
