@@ -85,6 +85,8 @@ def test_recorded_trace_replays_with_its_sharing(engine: Engine, tmp_path: Path)
                                            "sampling_params": {"max_new_tokens": 6, "temperature": 0,
                                                                "ignore_eos": True}})
                     assert resp.status_code == 200, resp.text
+            # the server's own probe is not traffic: not recorded
+            assert http.get("/health_generate").status_code == 200
             # refused requests never ran: not recorded
             assert http.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": -1}}).status_code == 400
     finally:

@@ -46,14 +46,17 @@ class ServerState:
         """The id /v1/models lists (--served-model-name, or the model's clean name): never a path."""
         return self.engine.model_names.served
 
-    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput | None, arrival: float) -> None:
-        """A request left: count its last output in the metrics and the fairness view, and record it
-        in the trace. `out` None: it was abandoned before its last output (its client left)."""
+    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput | None, arrival: float,
+                 traffic: bool = True) -> None:
+        """A request left: count its last output in the metrics and (if it is users' `traffic`, not
+        the server's own probe) in the fairness view and the trace. `out` None: it was abandoned
+        before its last output (its client left)."""
         if out is not None:
             self.metrics.observe(client, out)
-            self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
+            if traffic:
+                self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
         rec = self.trace_recorder
-        if rec is None or (out is not None and out.error is not None):
+        if rec is None or not traffic or (out is not None and out.error is not None):
             return  # refused requests never ran: not part of the load to replay
         # what it was served; cut off before the end, what it asked for (the load that arrived)
         output_len = treq.sampling_params.max_new_tokens

@@ -32,12 +32,13 @@ def error_event(e: APIError, index: int | None = None) -> bytes:
     return sse(body)
 
 
-async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
-                        client: str) -> AsyncGenerator[tuple[int, EngineOutput], None]:
+async def merge_streams(state: ServerState, treqs: list[TokenizedRequest], client: str,
+                        record: bool = True) -> AsyncGenerator[tuple[int, EngineOutput], None]:
     """Outputs of several requests as they come, tagged with the request's index.
 
     Leaving early (client gone, error) cancels the pumps; each `generate_async` is closed, and
     its `finally` aborts the request so its KV is released and the scheduler stops working for it.
+    `record` False keeps the server's own probes out of the fairness view and the trace.
     """
     q: asyncio.Queue[tuple[int, EngineOutput | None]] = asyncio.Queue()
 
@@ -57,7 +58,7 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
                         text.append(out.text)
                     if out.finished:
                         ended[i] = True
-                        state.finished(client, treq, out, arrival)
+                        state.finished(client, treq, out, arrival, record)
                         if log is not None:
                             log.finished(client, treq, out, None if text is None else "".join(text))
         finally:
@@ -78,16 +79,16 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
         await asyncio.gather(*tasks, return_exceptions=True)
         for i, treq in enumerate(treqs):
             if not ended[i]:
-                state.finished(client, treq, None, arrival)
+                state.finished(client, treq, None, arrival, record)
 
 
 async def collect(state: ServerState, treqs: list[TokenizedRequest], client: str,
-                  request: Request) -> list[RequestResult]:
+                  request: Request, record: bool = True) -> list[RequestResult]:
     """The final results of `treqs`, aborting them all if the HTTP client disconnects first."""
     results = [result_for(t.request) for t in treqs]
 
     async def run() -> None:
-        async with aclosing(merge_streams(state, treqs, client)) as stream:
+        async with aclosing(merge_streams(state, treqs, client, record)) as stream:
             async for i, out in stream:
                 results[i].add(out)
 
