@@ -33,7 +33,9 @@ class ServerArgs:
     read_timeout: float = flag(30.0, "seconds a client may take to send a request's headers, and its body; "
                                      "past it the connection is closed (408 once the headers are in)")
     max_metric_clients: int = flag(32, "clients with their own Prometheus series (those charged the most "
-                                       "service); the rest are added up under client=\"other\"")
+                                       "service); the rest are added up under client=\"other\". Also the "
+                                       "clients /fairness and /dashboard show (those with requests in the "
+                                       "system first)")
     incremental_streaming_output: bool = flag(False, "native /generate streams send only what is new in each "
                                                      "chunk (text, output_ids, logprobs), not SGLang's cumulative "
                                                      "text and meta_info")
@@ -44,7 +46,7 @@ class ServerArgs:
                                    choices=(0, 1, 2, 3))
     fairness_window: float = flag(60.0, "seconds over which /fairness and /dashboard measure service rates, "
                                         "throughput, hit rates and latencies")
-    record_trace: str | None = flag(None, "append one JSONL record per finished request to this file, in the "
+    record_trace: str | None = flag(None, "append one JSONL record per request (finished or cut off) to this file, in the "
                                           "simulator's trace format (arrival, client, prompt as a chain of "
                                           "block hashes, output length), for `bench sim --trace`, `bench "
                                           "fairness --trace` and `radixfair tune`", metavar="PATH")
