@@ -134,6 +134,11 @@ class SchedulePolicy(ABC):
     def on_finish(self, req: Req) -> None:  # noqa: B027
         """`req` left the system (finished or aborted)."""
 
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        """The per-client state a fair policy schedules by, for operators to see: its name
+        ("deficit", "counter") and client -> value; ("", {}) for a policy that keeps none."""
+        return "", {}
+
 
 def newest(reqs: Iterable[Req]) -> Req:
     return max(reqs, key=lambda r: (r.arrival_time, r.arrival_seq))

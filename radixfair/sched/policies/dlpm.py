@@ -17,7 +17,7 @@ round.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from radixfair.sched.policies.base import PolicyConfig, newest_of_most_served
@@ -54,6 +54,9 @@ class DLPMPolicy(PrefixAwarePolicy):
             del self.deficits[u]
             self.weights.pop(u, None)
         return len(gone)
+
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        return "deficit", dict(self.deficits)
 
     def retract_victim(self, running: Sequence[Req]) -> Req:
         # furthest over its share: the lowest deficit per unit of quantum

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from radixfair.sched.policies.base import PolicyConfig, SchedulePolicy, newest_of_most_served
@@ -85,6 +85,9 @@ class VTCPolicy(SchedulePolicy):
             del self.counters[u]
             self._fifos.pop(u, None)
         return len(gone)
+
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        return "counter", dict(self.counters)
 
     def retract_victim(self, running: Sequence[Req]) -> Req:
         return newest_of_most_served(running, lambda u: self.counters.get(u, 0.0))
