@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -608,3 +609,31 @@ def test_a_worker_that_takes_too_long_times_out_and_every_counter_is_released(
     assert r.state.retries == 1 and sum(w.failed for w in r.state.workers.values()) == 2
     r.wait_idle()
     drained(engines)  # the router closed both connections: each worker aborted its attempt
+
+
+def test_a_worker_that_moved_is_swapped_in_from_another_thread(router_factory: Callable[..., RouterUnderTest],
+                                                                workers: list[LiveServer]) -> None:
+    """What `launch --ray` does when Ray restarts an actor at a new address (`RayFleet.sync`)."""
+    from types import SimpleNamespace
+
+    from radixfair.router.ray_workers import RayFleet
+
+    a, b = workers[0].url, workers[1].url
+    r = router_factory("round_robin", urls=[a])
+    address = [a]
+    actor = SimpleNamespace(url=SimpleNamespace(remote=lambda: address[0]))
+    fleet = RayFleet.__new__(RayFleet)  # no Ray: a stand-in actor whose address changes
+    fleet.ray = SimpleNamespace(get=lambda ref, timeout=None: ref)
+    fleet.actors, fleet.urls = [actor], [a]
+    fleet.sync(r.state)
+    assert list(r.state.workers) == [a]  # unchanged: nothing to do
+    address[0] = b
+    threading.Thread(target=fleet.sync, args=(r.state,)).start()  # the follower runs in its own thread
+    deadline = time.monotonic() + 10
+    while list(r.state.workers) != [b]:
+        assert time.monotonic() < deadline, list(r.state.workers)
+        time.sleep(0.02)
+    with r.http() as c:
+        assert c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+    assert r.state.workers[b].dispatched == 1 and fleet.urls == [b]
+    r.wait_idle()
