@@ -1,4 +1,4 @@
-"""`radixfair` command line: generate, serve, tune, bench."""
+"""`radixfair` command line: generate, serve, router, launch, tune, bench."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from radixfair.config_flags import add_flags, flag, flag_values
 from radixfair.engine_args import EngineArgs
@@ -67,7 +67,17 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
+class KeyFlags(Protocol):
+    """The flags that name API keys (a worker's and the router's)."""
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def api_keys(self) -> str | None: ...
+
+
+def load_api_keys(server: KeyFlags) -> dict[str, Any] | None:
     """`--api-key KEY` (one client, "default") or `--api-keys FILE`: JSON `{"KEY": "alice"}` or
     `{"KEY": {"client": "alice", "weight": 2}}`; `"trusted_proxy": true` marks a router's key."""
     import json
@@ -108,6 +118,12 @@ def load_api_keys(server: ServerArgs) -> dict[str, Any] | None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    opts = server_args(ns)
+    return serve(opts, load_api_keys(opts), engine_args(ns), ns.log_level)
+
+
+def serve(opts: ServerArgs, keys: dict[str, Any] | None, args: EngineArgs, log_level: str = "warning") -> int:
+    """Run one worker until SIGINT/SIGTERM (`radixfair serve`, and each worker `radixfair launch` starts)."""
     import signal
     import threading
     import time
@@ -118,9 +134,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from radixfair.server.app import create_app
     from radixfair.server.connections import uvicorn_config
 
-    opts = server_args(ns)
-    keys = load_api_keys(opts)
-    args = engine_args(ns)
     if keys:
         # weights from the key file feed the fair policies; --client-weights still wins
         weights = {c.client: c.weight for c in keys.values() if c.weight != 1.0}
@@ -130,7 +143,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         with Engine(args=args) as engine:
             app = create_app(engine, keys, opts)
-            config = uvicorn_config(app, opts, log_level=ns.log_level.lower(), timeout_graceful_shutdown=5)
+            config = uvicorn_config(app, opts, log_level=log_level.lower(), timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
 
             # a dead engine thread serves nothing: stop, and exit non-zero so that a supervisor
@@ -255,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
 
+    from radixfair.router.serve import add_router_args, cmd_router
+
+    r = sub.add_parser("router", help="HTTP router in front of workers: the same APIs, routed by a policy")
+    add_router_args(r)
+    r.set_defaults(func=cmd_router)
+
+    from radixfair.router.launch import add_launch_args, cmd_launch
+
+    la = sub.add_parser("launch", help="N workers and a router in front of them (local processes, or Ray actors)")
+    add_launch_args(la)
+    la.set_defaults(func=cmd_launch)
+
     t = sub.add_parser("tune", help="replay a trace in the simulator under each fairness setting and recommend "
                                     "the quantum that meets a Jain target with the most throughput")
     add_tune_args(t)
@@ -277,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     from radixfair.bench import structured_bench
 
     structured_bench.add_parser(bsub)
+    from radixfair.bench import router_bench
+
+    router_bench.add_parser(bsub)
     for leaf in _leaf_parsers(p):
         # --log-level after the command too, where SGLang takes it: this copy has no default of its
         # own, so the value given before the command (or the default) stands unless it is given

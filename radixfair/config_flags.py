@@ -6,7 +6,8 @@ switch; a `tuple[str, ...]` is a repeatable flag), its default and help from the
 what a None default means (`none_means`, for the help), `choices`, a `parse` function for values
 argparse cannot convert by type (a mapping, say), a `metavar`, and an `exclusive` group name for
 flags that cannot be given together, and `aliases`: other option strings for the same flag (SGLang's
-names, e.g. `--model-path` for `--model`). Fields declared otherwise are not flags.
+names, e.g. `--model-path` for `--model`); a tuple flag with `many` takes several values per
+occurrence (`--worker-urls A B`, sgl-router's form). Fields declared otherwise are not flags.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ class _Flag:
     metavar: str | None
     exclusive: str | None
     aliases: tuple[str, ...]
+    many: bool = False
 
 
 def flag(default: T, help: str, *, none_means: str | None = None, choices: Sequence[Any] | None = None,
          parse: Callable[[str], Any] | None = None, metavar: str | None = None, exclusive: str | None = None,
-         aliases: Sequence[str] = ()) -> T:
+         aliases: Sequence[str] = (), many: bool = False) -> T:
     """A dataclass field that is also a command-line flag. A dict default is copied per instance."""
     if bad := [a for a in aliases if not a.startswith("-")]:
         raise TypeError(f"flag aliases must be option strings (--name), got {bad}")
-    meta = {_FLAG: _Flag(help, none_means, choices, parse, metavar, exclusive, tuple(aliases))}
+    meta = {_FLAG: _Flag(help, none_means, choices, parse, metavar, exclusive, tuple(aliases), many)}
     if isinstance(default, dict):
         # the type checker sees the default; the dataclass gets a field that copies it
         return typing.cast(T, dataclasses.field(default_factory=lambda: dict(default), metadata=meta))
@@ -80,6 +82,8 @@ def add_flags(parser: _Container, cls: type, *, only: Iterable[str] | None = Non
             # repeatable: each occurrence adds one value; flag_values turns them into a tuple
             kwargs.update(action="append", type=spec.parse or str, default=None,
                           help=f"{spec.help} (repeatable)")
+            if spec.many:
+                kwargs.update(action="extend", nargs="+", help=f"{spec.help} (one or more, repeatable)")
             if spec.metavar is not None:
                 kwargs["metavar"] = spec.metavar
         else:

@@ -97,3 +97,19 @@ def test_aliases_are_other_spellings_of_the_same_flag() -> None:
     assert "--model MODEL, --model-path MODEL" in " ".join(p.format_help().split())
     with pytest.raises(TypeError, match="option strings"):
         flag(0, "bad", aliases=("model-path",))
+
+
+@dataclass(frozen=True)
+class _Many:
+    urls: tuple[str, ...] = flag((), "workers", metavar="URL", many=True)
+    keys: tuple[str, ...] = flag((), "keys")
+
+
+def test_a_many_flag_takes_several_values_per_occurrence() -> None:
+    p = argparse.ArgumentParser()
+    add_flags(p, _Many)
+    ns = p.parse_args(["--urls", "a", "b", "--urls", "c", "--keys", "k"])
+    assert _Many(**flag_values(_Many, ns)) == _Many(urls=("a", "b", "c"), keys=("k",))
+    assert _Many(**flag_values(_Many, p.parse_args([]))) == _Many()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--keys", "k1", "k2"])  # a plain repeatable flag takes one value each time

@@ -103,3 +103,14 @@ def test_pure_layers_import_without_torch_or_the_engine() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent)
     assert out.stdout.strip() == "", f"pure layers pulled in: {out.stdout.strip()}"
+
+
+def test_the_router_service_imports_without_torch() -> None:
+    """`radixfair router` runs on a machine without torch: it only tokenizes, routes and proxies."""
+    code = (
+        "import sys\n"
+        "import radixfair.router.app, radixfair.router.serve, radixfair.router.state\n"
+        "print(','.join(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'radixfair.engine')))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "", f"the router pulled in: {out.stdout.strip()}"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from radixfair.metrics.live_fairness import FairnessView
-from radixfair.server import fairness, native_api, openai_api
+from radixfair.server import fairness, native_api, openai_api, tokenizer_api
 from radixfair.server.admission import Admission, AdmissionLimits
 from radixfair.server.auth import ApiKeyAuth, Identity, ServerClient
 from radixfair.server.errors import install_error_handlers
@@ -63,6 +63,7 @@ def create_app(engine: Engine, api_keys: Mapping[str, ServerClient] | None = Non
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
     app.include_router(fairness.router)
+    app.include_router(tokenizer_api.router)
     # the last added runs first: size limit and read deadline, then auth, then the JSON content-type fix
     app.add_middleware(JSONBodies)
     app.add_middleware(ApiKeyAuth, keys=keys, admin_keys=args.admin_api_key)

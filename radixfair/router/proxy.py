@@ -1,0 +1,250 @@
+"""Forwarding one generation request to a worker: retries on another worker for a non-streamed
+request (and for a stream before its first byte), SSE passed through event by event, a client
+that leaves aborting the work at the worker, and the `Dispatch` finished on every path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from radixfair.router.policies import ClientLimitError, NoHealthyWorkerError, RouteRequest, Usage
+from radixfair.router.request_queue import overloaded
+from radixfair.router.retry import retryable
+from radixfair.router.state import Dispatch, RouterState
+from radixfair.server.errors import APIError, error_body
+from radixfair.server.streaming import SSE_DONE, sse
+
+logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_SECS = 0.25
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected while the router waited for the worker."""
+
+
+def upstream_error(message: str, status: int = 502) -> APIError:
+    return APIError(message, status=status, type_="upstream_error" if status == 502 else "service_unavailable",
+                    headers={"Retry-After": "1"} if status == 503 else None)
+
+
+def usage_of(path: str, body: Any, prompt_len: int) -> Usage | None:
+    """What a worker's answer says was used (summed over the prompts of a batch)."""
+    items = body if isinstance(body, list) else [body]
+    prompt = cached = completion = 0
+    found = False
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        u = item.get("usage") if path != "/generate" else item.get("meta_info")
+        if not isinstance(u, dict):
+            continue
+        found = True
+        prompt += int(u.get("prompt_tokens") or 0)
+        completion += int(u.get("completion_tokens") or 0)
+        details = u.get("prompt_tokens_details") if path != "/generate" else u
+        if isinstance(details, dict):
+            cached += int(details.get("cached_tokens") or 0)
+    if not found:
+        return None
+    return Usage(prompt or prompt_len, min(cached, prompt or prompt_len), completion)
+
+
+async def _watch(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled (the connection to the worker closed, so the worker aborts) if the client
+    disconnects first: a non-streaming handler is not told its client left."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _passthrough(r: httpx.Response) -> Response:
+    headers = {k: v for k, v in r.headers.items() if k.lower() in ("retry-after", "www-authenticate")}
+    return Response(r.content, status_code=r.status_code, headers=headers,
+                    media_type=r.headers.get("content-type", "application/json"))
+
+
+async def _acquire(state: RouterState, route: RouteRequest, tried: set[str]) -> Dispatch:
+    try:
+        return await state.acquire(route, tried)
+    except NoHealthyWorkerError as e:
+        raise upstream_error(f"no healthy worker: {e}", 503) from e
+    except ClientLimitError as e:
+        raise overloaded(str(e)) from e
+
+
+async def forward(state: RouterState, request: Request, path: str, raw: bytes, route: RouteRequest,
+                  stream: bool) -> Response:
+    """Send the request to the worker the policy picks, retrying elsewhere as the flags allow."""
+    slot = await state.queue.acquire()
+    handed_over = False
+    try:
+        args = state.args
+        max_retries = 0 if args.disable_retries else args.retry_max_retries
+        headers = state.worker_headers(route.client_id)
+        tried: set[str] = set()
+        last: Response | None = None
+        for attempt in range(max_retries + 1):
+            if attempt:
+                state.retries += 1
+                await asyncio.sleep(state.backoff.delay_secs(attempt))
+            d = await _acquire(state, route, tried)
+            url = d.worker.url
+            tried.add(url)
+            key = (route.client_id, route.rid)
+            if route.rid:
+                state.holders[key] = d.worker
+            try:
+                if stream:
+                    req = state.client.build_request("POST", url + path, content=raw, headers=headers)
+                    r = await _watch(request, state.client.send(req, stream=True))
+                    if r.status_code == 200:
+                        handed_over = True
+
+                        async def close(r: httpx.Response = r, d: Dispatch = d, key: tuple[str, str] = key) -> None:
+                            try:
+                                await r.aclose()
+                            finally:
+                                _done(state, d, key, slot=slot)
+
+                        return _HeldStream(_relay(state, d, r, path, len(route.input_ids)), close)
+                    await r.aread()
+                    await r.aclose()
+                else:
+                    r = await _watch(request, state.client.post(url + path, content=raw, headers=headers))
+            except ClientGone:
+                _done(state, d, key)
+                return Response(status_code=499)  # nobody reads it; the worker saw its connection close
+            except httpx.HTTPError as e:
+                logger.warning("router: %s %s failed: %s", url, path, e)
+                _done(state, d, key, ok=False)
+                last = None
+                continue
+            except BaseException:
+                _done(state, d, key)
+                raise
+            if retryable(r.status_code):
+                # 429: the worker is busy, not broken; the breaker counts failures only
+                _done(state, d, key, ok=None if r.status_code == 429 else False)
+                last = _passthrough(r)
+                continue
+            usage = None
+            if r.status_code == 200:
+                try:
+                    usage = usage_of(path, r.json(), len(route.input_ids))
+                except ValueError:
+                    usage = None
+            _done(state, d, key, usage, ok=True)
+            return _passthrough(r)
+        if last is not None:
+            return last
+        raise upstream_error(f"the request failed on {len(tried)} worker(s) after {max_retries} retries")
+    finally:
+        if not handed_over:
+            slot.release()
+
+
+def _done(state: RouterState, d: Dispatch, key: tuple[str, str], usage: Usage | None = None,
+          ok: bool | None = None, slot: Any = None) -> None:
+    if state.holders.get(key) is d.worker:
+        del state.holders[key]
+    try:
+        d.finish(usage, ok)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
+                 prompt_len: int) -> AsyncIterator[bytes]:
+    """The worker's SSE events as they come; a worker lost mid-stream ends it with an error event."""
+    buf = b""
+    done = False
+    usage: dict[int, Usage] = {}
+    events = 0
+    try:
+        async for chunk in r.aiter_raw():
+            buf += chunk
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                event += b"\n\n"
+                if event == SSE_DONE:
+                    done = True
+                else:
+                    events += 1
+                    _note_usage(path, event, prompt_len, usage)
+                yield event
+        if buf.strip():
+            yield buf
+        if not done:
+            raise httpx.RemoteProtocolError("the worker ended the stream without [DONE]")
+        total = _sum_usage(usage) or Usage(prompt_len, 0, events)
+        d.finish(total, ok=True)
+    except httpx.HTTPError as e:
+        state.stream_errors += 1
+        logger.warning("router: stream from %s broke: %s", d.worker.url, e)
+        d.finish(_sum_usage(usage), ok=False)
+        err = upstream_error(f"the worker serving this stream failed: {e}")
+        yield sse(error_body(err.message, err.type, None, 502))
+        yield SSE_DONE
+    finally:
+        await r.aclose()
+
+
+def _note_usage(path: str, event: bytes, prompt_len: int, usage: dict[int, Usage]) -> None:
+    if not event.startswith(b"data: "):
+        return
+    try:
+        obj = json.loads(event[6:])
+    except ValueError:
+        return
+    if not isinstance(obj, dict):
+        return
+    u = usage_of(path, obj, prompt_len)
+    if u is not None:
+        usage[int(obj.get("index") or 0)] = u
+
+
+def _sum_usage(usage: dict[int, Usage]) -> Usage | None:
+    if not usage:
+        return None
+    return Usage(*(sum(x) for x in zip(*usage.values(), strict=True)))
+
+
+class _HeldStream(StreamingResponse):
+    """An SSE response that runs `on_close` once it has been sent or abandoned, and closes its
+    source then (so that a client that left closes the worker's stream, which aborts there)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                await self._on_close()
