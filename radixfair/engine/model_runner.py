@@ -16,6 +16,7 @@ from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
+from radixfair.engine.quant import NEVER, QuantLinear, tune_dense_switch
 from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.request import Req
@@ -66,6 +67,9 @@ class RunnerConfig:
     max_total_tokens: int
     max_running_requests: int
     max_context_len: int
+    quantization: str = "none"  # none | int8 | int4 (resolved: see quant.resolve_quantization)
+    # rows from which quantized layers use their dense copy; None: measured per layer shape
+    quant_dense_min_rows: int | None = None
 
 
 def auto_max_total_tokens(
@@ -108,6 +112,16 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         model.eval()
         self.model = model
+        self.quant_layers: list[QuantLinear] = []
+        if runner_config.quantization != "none":
+            self.quant_layers = model.quantize(runner_config.quantization)
+            if runner_config.quant_dense_min_rows is None:
+                tune_dense_switch(self.quant_layers)
+            else:
+                for q in self.quant_layers:
+                    q.dense_min_rows = runner_config.quant_dense_min_rows
+                    if q.dense_min_rows >= NEVER:
+                        q.drop_dense()
         self.kv = KVPool(
             runner_config.max_total_tokens,
             model_config.num_hidden_layers,
@@ -122,6 +136,14 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
+
+    def dense_copy_bytes(self) -> int:
+        """Memory the quantized layers' dense copies (for large batches) take."""
+        return sum(q.dense.numel() * q.dense.element_size() for q in self.quant_layers if q.dense is not None)
+
+    def dense_switch_rows(self) -> list[int]:
+        """Distinct row counts from which quantized layers use their dense copy (NEVER: they do not)."""
+        return sorted({q.dense_min_rows for q in self.quant_layers})
 
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""

@@ -36,6 +36,8 @@ class SchedulerConfig:
     chunked_prefill_size: int = 2048  # <= 0: no chunking
     max_context_len: int = 8192
     disable_radix_cache: bool = False
+    # running requests decode in the same pass as a prefill chunk (BatchMode.MIXED) instead of waiting
+    enable_mixed_chunk: bool = False
     # Share of each running request's remaining max_new_tokens that admission keeps free
     # (SGLang's new_token_ratio): high after a retraction, decaying while decoding goes well.
     init_new_token_ratio: float = 0.7
