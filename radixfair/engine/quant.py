@@ -52,13 +52,11 @@ def resolve_quantization(requested: str, model_format: str, gguf_types: dict[str
     if model_format != "gguf" or not gguf_types:
         return QuantChoice("none", "auto: unquantized weights")
     dominant = max(gguf_types.items(), key=lambda kv: kv[1])[0]
-    if dominant.startswith("Q4_"):
+    # the nearest kept family at no fewer bits: 4 bits and below -> int4, 5 to 8 bits -> int8
+    if dominant.startswith(("Q2_", "Q3_", "Q4_", "IQ")):
         return QuantChoice("int4", f"auto: {dominant} GGUF")
-    if dominant in ("Q8_0", "Q8_1"):
+    if dominant.startswith(("Q5_", "Q6_", "Q8_")):
         return QuantChoice("int8", f"auto: {dominant} GGUF")
-    # k-quants and other block formats have no matching kernel here: the closest kept family
-    if dominant.startswith(("Q4_K", "Q5", "Q6", "Q3", "Q2", "IQ")):
-        return QuantChoice("int8", f"auto: {dominant} GGUF (no {dominant} kernel; int8 keeps it exact-ish)")
     return QuantChoice("none", f"auto: {dominant} weights")
 
 
