@@ -162,6 +162,8 @@ class ModelRunner:
 
     # ---- batch preparation ---------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        if batch.mode is BatchMode.MIXED:
+            return self._prepare_mixed(batch)
         table = self.req_to_token.table
         for row, slots in batch.row_updates:
             table[row, : len(slots)] = self._tensor(slots)
@@ -212,6 +214,23 @@ class ModelRunner:
             out_slots=out_slots,
             logits_index=self._tensor(index),
             seqs=seqs,
+        )
+
+    def _prepare_mixed(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Prefill tokens first, decode rows after: each part prepared as its own batch would be."""
+        prefill, decode = batch.split_mixed()
+        p = self._prepare(prefill)
+        d = self._prepare(decode)
+        start = len(prefill.input_ids)
+        return ForwardBatch(
+            mode=ForwardMode.MIXED,
+            input_ids=torch.cat((p.input_ids, d.input_ids)),
+            positions=torch.cat((p.positions, d.positions)),
+            out_slots=torch.cat((p.out_slots, d.out_slots)),
+            logits_index=torch.cat((p.logits_index, d.logits_index + start)),
+            decode_groups=d.decode_groups,
+            seqs=p.seqs,
+            decode_start=start,
         )
 
     def _offset_causal_mask(self, prefix: int, q_len: int) -> torch.Tensor:

@@ -104,8 +104,11 @@ class Attention(nn.Module):
         kv.write(self.layer_id, batch.out_slots, k, v)
         if batch.mode is ForwardMode.DECODE:
             out = self._decode(q, batch, kv)
-        else:
+        elif batch.mode is ForwardMode.PREFILL:
             out = self._prefill(q, k, v, batch, kv)
+        else:
+            d = batch.decode_start
+            out = torch.cat((self._prefill(q[:d], k[:d], v[:d], batch, kv), self._decode(q[d:], batch, kv)))
         return self.o_proj(out)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
