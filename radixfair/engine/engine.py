@@ -142,7 +142,7 @@ class Engine:
             files.config,
             state,
             RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
-                         args.quant_dense_min_rows),
+                         args.quant_dense_min_rows, args.enable_torch_compile),
             self.dtype,
             self.device,
         )

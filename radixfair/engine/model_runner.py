@@ -70,6 +70,7 @@ class RunnerConfig:
     quantization: str = "none"  # none | int8 | int4 (resolved: see quant.resolve_quantization)
     # rows from which quantized layers use their dense copy; None: measured per layer shape
     quant_dense_min_rows: int | None = None
+    torch_compile: bool = False  # --enable-torch-compile
 
 
 def auto_max_total_tokens(
@@ -122,6 +123,8 @@ class ModelRunner:
                     q.dense_min_rows = runner_config.quant_dense_min_rows
                     if q.dense_min_rows >= NEVER:
                         q.drop_dense()
+        if runner_config.torch_compile:
+            model.compile_layers()
         self.kv = KVPool(
             runner_config.max_total_tokens,
             model_config.num_hidden_layers,
