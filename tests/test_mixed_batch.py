@@ -66,7 +66,7 @@ def test_engine_outputs_are_the_same_with_mixed_chunks(tiny_llama: Path) -> None
     for mixed in (False, True):
         engine = make_engine(tiny_llama, chunked_prefill_size=32, enable_mixed_chunk=mixed)
         modes: list[BatchMode] = []
-        engine.pass_observers.append(lambda b, _s: modes.append(b.mode))
+        engine.pass_observers.append(lambda b, _s, seen=modes: seen.append(b.mode))
         try:
             # in the second call the long prompts are prefilled in chunks while the short ones decode
             first = engine.generate(input_ids=prompts[:2], sampling_params=params[:2], stream=False)
