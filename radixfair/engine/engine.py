@@ -142,7 +142,8 @@ class Engine:
             files.config,
             state,
             RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
-                         args.quant_dense_min_rows, args.enable_torch_compile),
+                         args.quant_dense_min_rows, args.enable_torch_compile,
+                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs),
             self.dtype,
             self.device,
         )

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from radixfair.engine.constrained.mask import TokenMask
+from radixfair.engine.cuda_graph import CudaGraphRunner
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
@@ -71,6 +72,7 @@ class RunnerConfig:
     # rows from which quantized layers use their dense copy; None: measured per layer shape
     quant_dense_min_rows: int | None = None
     torch_compile: bool = False  # --enable-torch-compile
+    cuda_graph_max_bs: int = 0  # decode batches up to this replay captured CUDA graphs; 0: never
 
 
 def auto_max_total_tokens(
@@ -136,6 +138,11 @@ class ModelRunner:
         self.req_to_token = ReqToTokenTable(
             runner_config.max_running_requests + 1, runner_config.max_context_len, device
         )
+        self.graphs: CudaGraphRunner | None = None
+        if runner_config.cuda_graph_max_bs > 0 and device.type == "cuda":
+            self.graphs = CudaGraphRunner(self.model, self.kv,
+                                          min(runner_config.cuda_graph_max_bs, runner_config.max_running_requests),
+                                          runner_config.max_context_len)
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
@@ -157,7 +164,9 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> BatchOutput:
         fb = self._prepare(batch)
-        logits = self.model(fb, self.kv)
+        logits = self.graphs.run(fb) if self.graphs is not None else None
+        if logits is None:
+            logits = self.model(fb, self.kv)
         # after the launch: on an asynchronous device the masks are computed while the model runs
         masks = self.token_masks
         mask = masks([r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]) if masks else None
