@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,7 +125,12 @@ class ModelRunner:
         if runner_config.quantization != "none":
             self.quant_layers = model.quantize(runner_config.quantization)
             if runner_config.quant_dense_min_rows is None:
-                tune_dense_switch(self.quant_layers)
+                t = time.perf_counter()
+                switches = tune_dense_switch(self.quant_layers)
+                logger.info("quantized layers use their dense copy from these pass sizes (tokens), measured in "
+                            "%.1f s: %s", time.perf_counter() - t,
+                            ", ".join(f"{n}x{k} {kind}: {'never' if r >= NEVER else r}"
+                                      for (n, k, kind), r in switches.items()))
             else:
                 for q in self.quant_layers:
                     q.dense_min_rows = runner_config.quant_dense_min_rows

@@ -255,9 +255,10 @@ def measure_dense_switch(layer: QuantLinear, reps: int = 5) -> int:
     assert layer.dense is not None
     device = layer.qweight.device
     switch = NEVER
+    gen = torch.Generator(device).manual_seed(0)  # not the global generator: sampling seeds stay as set
     with torch.inference_mode():
         for rows in reversed(TUNE_ROWS):
-            x = torch.randn(rows, layer.in_features, dtype=layer.dtype, device=device)
+            x = torch.randn(rows, layer.in_features, generator=gen, device=device).to(layer.dtype)
             tq = _median_time(lambda: layer.quantized_forward(x), device, reps)  # noqa: B023 - used at once
             td = _median_time(lambda: layer.dense_forward(x), device, reps)  # noqa: B023
             if td >= tq:
