@@ -1,4 +1,4 @@
-"""`radixfair` command line: generate, serve, bench."""
+"""`radixfair` command line: generate, serve, tune, bench."""
 
 from __future__ import annotations
 
@@ -164,6 +164,70 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(ns: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from radixfair.bench.report import print_table, write_json
+    from radixfair.sim.cost_model import load_profile
+    from radixfair.sim.trace import read_jsonl
+    from radixfair.sim.tuner import TuneArgs, curve, label, plot, serve_flags, tune
+
+    cfg = TuneArgs(**flag_values(TuneArgs, ns)).config()
+    scheduler = cfg.scheduler
+    trace = read_jsonl(ns.trace)
+    cost = load_profile(ns.profile)
+    with tqdm(desc="tune", unit="run", disable=not sys.stderr.isatty()) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        rows = tune(trace, cost, cfg, progress)
+    span = max(r.time for r in trace)
+    title = (f"radixfair tune: {ns.trace}, {len(trace)} requests over {span:.0f} s, {ns.workers} worker(s), "
+             f"cost model {cost.name}, KV pool {scheduler.max_total_tokens} tokens")
+    print_table(
+        ["", "policy", "quantum", "router quantum", "tok/s", "Jain", "max svc diff", "p99 e2e (s)", "hit rate",
+         "done/arrived"],
+        [["*" if r["recommended"] else "", r["policy"], _opt(r["quantum"], ".0f"), _opt(r["router_quantum"], ".0f"),
+          f"{r['throughput']:.0f}", _opt(r["jain"], ".3f"), _opt(r["max_service_diff"], ".0f"),
+          _opt(r["p99_latency"], ".1f"), f"{r['hit_rate']:.3f}", f"{r['completed']}/{r['requests']}"] for r in rows],
+        title=title + f"; Jain target {cfg.jain_target:g}", width=150)
+    print("throughput-fairness curve (fairest first):")
+    for line in curve(rows, cfg.jain_target):
+        print("  " + line)
+    best = next(r for r in rows if r["recommended"])
+    if best["meets_target"]:
+        print(f"recommended: {label(best)} (Jain {best['jain']:.3f} >= {cfg.jain_target:g}, "
+              f"{best['throughput']:.0f} tok/s)")
+    else:
+        print(f"no setting reaches Jain {cfg.jain_target:g}; the fairest is {label(best)} "
+              f"(Jain {_opt(best['jain'], '.3f')})")
+    print(f"apply it with:\n  {serve_flags(best)}")
+    write_json(ns.json, rows)
+    if ns.plot:
+        plot(rows, ns.plot, cfg.jain_target, title)
+        print(f"wrote {ns.plot}")
+    return 0
+
+
+def _opt(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    from radixfair.sim.tuner import TuneArgs
+
+    p.add_argument("--trace", required=True, metavar="JSONL",
+                   help="the trace to replay: `serve --record-trace`'s, or any simulator trace")
+    add_flags(p, TuneArgs)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="rows: policy, quantum, router_quantum, throughput, jain, max_service_diff, p99_latency, "
+                        "recommended (and routing, hit_rate, completed, requests, meets_target)")
+    p.add_argument("--plot", default=None, metavar="PATH", help="PNG of throughput against Jain's index")
+    p.set_defaults(func=_cmd_tune)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """`radixfair serve`'s flags: the server's and the engine's (`python -m radixfair.launch_server` too)."""
     from radixfair.server.server_args import ServerArgs
@@ -190,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP server: SGLang's native API and the OpenAI API")
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("tune", help="replay a trace in the simulator under each fairness setting and recommend "
+                                    "the quantum that meets a Jain target with the most throughput")
+    add_tune_args(t)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -93,6 +93,8 @@ class EngineArgs:
     max_clients: int = flag(PolicyConfig.max_clients,
                             "clients whose state vtc and dlpm keep; past it idle clients that owe nothing are "
                             "forgotten, and new ones share one overflow client while none can be")
+    disable_row_share: bool = flag(False, "vtc and dlpm: no guaranteed share of the batch's rows per active client "
+                                          "(a client with credit may then fill every free row at once)")
     disable_radix_cache: bool = flag(False, "no prefix reuse: every request prefills its whole prompt")
     # what one call (one /generate or /v1/* body) may ask for; past a limit it is refused (HTTP 400)
     max_prompts_per_request: int = flag(RequestLimits.max_prompts_per_request, "prompts in one request")
@@ -139,7 +141,8 @@ class EngineArgs:
         return cls(**kwargs)
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights), self.max_clients)
+        return PolicyConfig(self.w_in, self.w_out, self.dlpm_quantum, dict(self.client_weights), self.max_clients,
+                            row_share=not self.disable_row_share)
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(self.max_prompts_per_request, self.max_sequences_per_request,

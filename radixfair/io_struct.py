@@ -249,6 +249,17 @@ def top_entries(x: TokenLogprob) -> list[tuple[float, int, None]] | None:
 
 
 @dataclass(frozen=True)
+class ClientStats:
+    """One client's place in a worker's scheduler: what the live fairness view (`/fairness`) shows."""
+
+    client: str
+    waiting: int  # requests queued, not yet admitted
+    running: int  # requests in the running batch (a prompt being prefilled in chunks counts)
+    service: float  # charged service so far: w_in per uncached prompt token + w_out per output token
+    balance: float | None = None  # the policy's per-client state: DLPM's deficit, VTC's counter
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot of one worker's queue and KV cache."""
 
@@ -265,6 +276,10 @@ class EngineStats:
     max_total_tokens: int  # KV pool size
     evictable_slots: int = 0  # held by the tree, no request using them
     protected_slots: int = 0  # held by the tree for running requests
+    policy: str = ""  # the scheduling policy's name
+    balance: str = ""  # what ClientStats.balance holds: "deficit" (dlpm), "counter" (vtc), "" (none)
+    # per client; names clients, so it is left out of `to_dict` (which /get_server_info shows anyone)
+    clients: tuple[ClientStats, ...] = ()
 
     @property
     def leaked_slots(self) -> int:
@@ -281,7 +296,7 @@ class EngineStats:
         return self.max_total_tokens - self.free_slots
 
     def to_dict(self) -> dict[str, Any]:
-        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "clients"}
         d["hit_rate"] = self.hit_rate
         d["leaked_slots"] = self.leaked_slots
         return d

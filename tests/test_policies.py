@@ -682,6 +682,7 @@ def test_engine_arguments_build_the_scheduler_and_policy_configs() -> None:
     assert (cfg.max_running_requests, cfg.max_prefill_tokens, cfg.chunked_prefill_size, cfg.disable_radix_cache,
             cfg.max_total_tokens, cfg.max_context_len) == (8, 512, -1, True, 4096, 1024)
     assert args.policy_config().weight_of("a") == 3.0
+    assert args.policy_config().row_share and not EngineArgs(disable_row_share=True).policy_config().row_share
 
 
 def test_engine_rejects_a_bad_policy_before_loading_a_model() -> None:

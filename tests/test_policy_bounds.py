@@ -133,13 +133,16 @@ def test_state_stays_bounded_under_a_sybil_flood() -> None:
         assert len(table) <= 51, (name, len(table))
 
 
+@pytest.mark.parametrize("row_share", [True, False])
 @pytest.mark.parametrize("policy", ["dlpm", "vtc"])
-def test_a_client_gets_its_share_of_the_batch_rows_while_others_are_active(policy: str) -> None:
+def test_a_client_gets_its_share_of_the_batch_rows_while_others_are_active(policy: str, row_share: bool) -> None:
     """One client's 40 requests (an `n: 40`) cannot hold more than its share of the running batch's
-    rows while another client under its share waits for one; rows nobody else asks for it may use."""
+    rows while another client under its share waits for one; rows nobody else asks for it may use.
+    With `row_share=False` (`--disable-row-share`) nothing stops it."""
     rng = np.random.default_rng(5)
     config = SchedulerConfig(max_total_tokens=8192, max_running_requests=8)
-    s = Scheduler(config, make_policy(policy), allocator=TrackingAllocator(config.max_total_tokens))
+    s = Scheduler(config, make_policy(policy, PolicyConfig(row_share=row_share)),
+                  allocator=TrackingAllocator(config.max_total_tokens))
     hog = [client_req("hog", tokens(rng, 8), 30, f"hog{i}") for i in range(40)]
     meek = [client_req("meek", tokens(rng, 8), 30, f"meek{i}") for i in range(6)]
     most: dict[str, int] = {"grabbed while meek waited": 0, "meek running": 0, "alone": 0}
@@ -163,6 +166,9 @@ def test_a_client_gets_its_share_of_the_batch_rows_while_others_are_active(polic
     # free, and hog may not take them back meanwhile)
     trace = drive(s, {0: hog[:20] + meek[:3], 1: hog[20:], 40: meek[3:]}, observe=observe)
     check_complete(trace)
+    if not row_share:
+        assert most["grabbed while meek waited"] > 4, most
+        return
     assert most["grabbed while meek waited"] == 0, most
     assert most["meek running"] >= 5, most  # work-conserving: the rows meek did not ask for
     assert most["alone"] == 8, most

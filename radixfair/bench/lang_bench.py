@@ -18,6 +18,14 @@ A row per (program, mode): `programs_per_s` (programs / wall seconds), `latency_
 program's start to its end: with the language all programs of a batch start together; the plain
 client runs them one at a time), `hit_rate` (cached / input prompt tokens on the server over the run).
 Each server is a `radixfair serve` subprocess on a free 127.0.0.1 port.
+
+`--backend openai` measures what the language does for a model behind an OpenAI-style API instead
+(the same server's `/v1`), with the program's own counters (`calls_per_program`,
+`input_tokens_per_program`: what a program sent):
+- character card (6 short fields, 32 cards, temperature 0): `openai` (the `OpenAI` backend, one call
+  per field) and `openai_spec` (API speculative execution, `num_api_spec_tokens`);
+- few-shot QA by `run_batch` on the native backend: `hoist` (the traced constant prefix prefilled
+  once before the batch) and `no_hoist` (every program of the batch starts cold).
 """
 
 from __future__ import annotations
@@ -44,6 +52,16 @@ from radixfair.engine_args import EngineArgs
 ENGINE_FLAGS = ("model", "dtype", "max_total_tokens", "max_running_requests", "chunked_prefill_size", "num_threads")
 MODES = ("cache", "no_cache", "plain_client")
 PROGRAMS = ("tree_of_thought", "few_shot_qa", "llm_judge", "multi_turn_chat")
+BACKENDS = ("native", "openai")
+OPENAI_ROWS = (("character_card", "openai"), ("character_card", "openai_spec"), ("few_shot_qa", "hoist"),
+               ("few_shot_qa", "no_hoist"))
+CARD_FIELDS = ("Name", "Birthday", "Job", "Home town", "Favourite food", "Motto")
+# an example card, so that the model writes each field on its own line, as the program asks
+CARD_HEADER = ("Write a short character card for a story. Each card has the same six fields, one per line.\n\n"
+               "Character: a cheerful baker\nName: Mia Rossi\nBirthday: 4 March 1990\nJob: Baker\n"
+               "Home town: Naples\nFavourite food: Lemon cake\nMotto: Bread first.\n\n"
+               "Character: a retired sailor\nName: Tom Harris\nBirthday: 12 July 1951\nJob: Sailor\n"
+               "Home town: Bristol\nFavourite food: Fish pie\nMotto: Calm seas never taught anyone.\n\n")
 CLIENT = "bench-lang"
 CRITERIA = ("accuracy", "clarity", "completeness", "style", "relevance")
 
@@ -64,6 +82,9 @@ class Sizes:
     fewshot_prefix_tokens: int = 1024
     fewshot_questions: int = 32
     fewshot_tokens: int = 16
+    cards: int = 32
+    card_field_tokens: int = 16
+    spec_tokens: int = 64  # the six fields and their labels take about 45 tokens
     judge_documents: int = 8
     judge_document_tokens: int = 512
     judge_tokens: int = 32
@@ -76,7 +97,7 @@ class Sizes:
 SMOKE = Sizes(tot_problems=2, tot_levels=2, tot_branches=2, tot_tokens=4, tot_header_tokens=48,
               tot_problem_tokens=16, fewshot_prefix_tokens=64, fewshot_questions=4, fewshot_tokens=4,
               judge_documents=2, judge_document_tokens=48, judge_tokens=4, chat_sessions=2, chat_turns=2,
-              chat_tokens=4, chat_message_tokens=8)
+              chat_tokens=4, chat_message_tokens=8, cards=3, card_field_tokens=4, spec_tokens=16)
 
 
 class TextMaker:
@@ -214,6 +235,134 @@ def run_language(url: str, program: str, wl: Workload, sizes: Sizes) -> tuple[fl
     if errors:
         raise RuntimeError(f"{program}: {len(errors)} programs failed, e.g. {errors[0]}")
     return wall, [timing[k] - t0 for k in range(len(args))]
+
+
+# ---- --backend openai: API speculative execution, prefix hoisting ---------------------------------
+def card_program(sizes: Sizes, spec: bool) -> Any:
+    import radixfair as sgl
+
+    def character_card(s: Any, character: str) -> None:
+        s += CARD_HEADER + "Character: " + character + "\n"
+        for i, field in enumerate(CARD_FIELDS):
+            s += ("\n" if i else "") + field + ":" + sgl.gen(f"field_{i}", max_tokens=sizes.card_field_tokens,
+                                                          stop="\n")
+
+    return sgl.function(character_card, num_api_spec_tokens=sizes.spec_tokens if spec else None)
+
+
+def card_characters(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    adjectives = ("quiet", "brave", "curious", "grumpy", "young", "clever", "gentle", "restless")
+    roles = ("gardener", "pilot", "teacher", "painter", "doctor", "miner", "singer", "engineer")
+    return [f"a {rng.choice(adjectives)} {rng.choice(roles)}" for _ in range(n)]
+
+
+def run_openai(url: str, mode: str, sizes: Sizes, seed: int) -> dict[str, Any]:
+    """The character cards through the `OpenAI` backend on the server's /v1, speculative or not."""
+    import radixfair as sgl
+
+    backend = sgl.OpenAI(None, base_url=url + "/v1", is_chat_model=False, client_id=CLIENT)
+    program = card_program(sizes, spec=mode == "openai_spec")
+    args = [{"character": c} for c in card_characters(sizes.cards, seed)]
+    t0 = time.perf_counter()
+    states = program.run_batch(args, backend=backend, temperature=0.0)
+    wall = time.perf_counter() - t0
+    errors = [str(s.error()) for s in states if s.error() is not None]
+    backend.shutdown()
+    if errors:
+        raise RuntimeError(f"character_card {mode}: {len(errors)} programs failed, e.g. {errors[0]}")
+    usage = backend.api_usage.snapshot()
+    n = len(states)
+    return {"programs_per_s": n / wall, "programs": n, "seconds": wall,
+            "calls_per_program": usage.calls / n, "input_tokens_per_program": usage.input_tokens / n,
+            "output_tokens_per_program": usage.output_tokens / n, "spec_hits": usage.spec_hits,
+            "spec_misses": usage.spec_misses,
+            "cards": [[s[f"field_{i}"] for i in range(len(CARD_FIELDS))] for s in states]}
+
+
+def run_hoisting(url: str, mode: str, wl: Workload, sizes: Sizes) -> dict[str, Any]:
+    """Few-shot QA by `run_batch`, its constant prefix prefilled first (`hoist`) or not."""
+    import radixfair as sgl
+    from radixfair.lang.config import global_config
+
+    backend = sgl.RuntimeEndpoint(url, client_id=CLIENT)
+    func, _ = language_programs(sizes)["few_shot_qa"]
+    shared, own = language_arguments("few_shot_qa", wl)
+    func = func.bind(**shared)
+    timing: dict[int, float] = {}
+    args = [{**a, "key": k, "timing": timing} for k, a in enumerate(own)]
+    saved = global_config.enable_precache_with_tracing
+    global_config.enable_precache_with_tracing = mode == "hoist"
+    try:
+        t0 = time.perf_counter()
+        states = func.run_batch(args, backend=backend, temperature=0.0, ignore_eos=True)
+        wall = time.perf_counter() - t0
+    finally:
+        global_config.enable_precache_with_tracing = saved
+    errors = [str(s.error()) for s in states if s.error() is not None]
+    backend.shutdown()
+    if errors:
+        raise RuntimeError(f"few_shot_qa {mode}: {len(errors)} programs failed, e.g. {errors[0]}")
+    usage = backend.api_usage.snapshot()
+    n = len(states)
+    latencies = [timing[k] - t0 for k in range(n)]
+    return {"programs_per_s": n / wall, "programs": n, "seconds": wall,
+            "latency_p50": float(np.percentile(latencies, 50)),
+            "calls_per_program": usage.calls / n, "input_tokens_per_program": usage.input_tokens / n}
+
+
+def measure_openai(url: str, program: str, mode: str, wl: Workload, sizes: Sizes, seed: int) -> dict[str, Any]:
+    _reset(url)
+    before = _stats(url)
+    out = run_openai(url, mode, sizes, seed) if program == "character_card" else run_hoisting(url, mode, wl, sizes)
+    after = _stats(url)
+    inputs = after["input_tokens"] - before["input_tokens"]
+    cached = after["cached_tokens"] - before["cached_tokens"]
+    return {"program": program, "mode": mode, **out, "hit_rate": cached / inputs if inputs else 0.0,
+            "prefill_tokens": after["prefill_tokens"] - before["prefill_tokens"],
+            "decode_tokens": after["decode_tokens"] - before["decode_tokens"]}
+
+
+def _agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The share of fields the two modes wrote the same. Not 1 in general: a speculated field follows
+    the model's own tokens, a called one the server's tokenization of the text so far, and the
+    attention over cached and freshly computed positions rounds differently in bfloat16."""
+    pairs = [(x, y) for ca, cb in zip(a["cards"], b["cards"], strict=True) for x, y in zip(ca, cb, strict=True)]
+    return sum(x == y for x, y in pairs) / len(pairs) if pairs else 1.0
+
+
+def main_openai(ns: argparse.Namespace, args: EngineArgs, sizes: Sizes) -> int:
+    rows: list[dict[str, Any]] = []
+    wl = make_workload(_tokenizer(args.model), sizes, ns.seed)
+    t_all = time.perf_counter()
+    with served(args) as url:
+        for program, mode in OPENAI_ROWS:
+            row = measure_openai(url, program, mode, wl, sizes, ns.seed)
+            rows.append(row)
+            print(f"{program:16s} {mode:12s} {row['programs_per_s']:8.3f} programs/s  "
+                  f"{row['calls_per_program']:5.2f} calls  {row['input_tokens_per_program']:8.1f} input tokens"
+                  f"  hit rate {row['hit_rate']:.3f}  ({row['seconds']:.1f} s)", flush=True)
+    print(f"all rows in {time.perf_counter() - t_all:.0f} s")
+    print_table(["program", "mode", "programs/s", "calls/program", "input tokens/program", "hit rate",
+                 "prefill tokens", "wall (s)"],
+                [[r["program"], r["mode"], f"{r['programs_per_s']:.3f}", f"{r['calls_per_program']:.2f}",
+                  f"{r['input_tokens_per_program']:.1f}", f"{r['hit_rate']:.3f}", str(r["prefill_tokens"]),
+                  f"{r['seconds']:.1f}"] for r in rows], width=110)
+    by = {(r["program"], r["mode"]): r for r in rows}
+    plain, spec = by[("character_card", "openai")], by[("character_card", "openai_spec")]
+    hoist, cold = by[("few_shot_qa", "hoist")], by[("few_shot_qa", "no_hoist")]
+    print_table(["ratio", "value"], [
+        ["character_card calls: openai / openai_spec",
+         f"{plain['calls_per_program'] / spec['calls_per_program']:.2f}x"],
+        ["character_card input tokens: openai / openai_spec",
+         f"{plain['input_tokens_per_program'] / max(spec['input_tokens_per_program'], 1e-9):.2f}x"],
+        ["character_card fields equal to openai's (temperature 0)", f"{_agreement(plain, spec):.3f}"],
+        ["few_shot_qa programs/s: hoist / no_hoist", f"{hoist['programs_per_s'] / cold['programs_per_s']:.2f}x"],
+        ["few_shot_qa prefill tokens: no_hoist / hoist",
+         f"{cold['prefill_tokens'] / max(hoist['prefill_tokens'], 1):.2f}x"],
+    ], width=110)
+    write_json(ns.json, rows)
+    return 0
 
 
 # ---- the same prompts as plain sequential OpenAI-client calls --------------------------------------
@@ -382,6 +531,8 @@ def main(ns: argparse.Namespace) -> int:
         if p not in PROGRAMS:
             raise ValueError(f"--programs: unknown program {p!r}; choose from {', '.join(PROGRAMS)}")
     args = EngineArgs(**flag_values(EngineArgs, ns, only=ENGINE_FLAGS))
+    if ns.backend == "openai":
+        return main_openai(ns, args, sizes)
     rows: list[dict[str, Any]] = []
     wl = make_workload(_tokenizer(args.model), sizes, ns.seed)
     t_all = time.perf_counter()
@@ -424,6 +575,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated: " + ", ".join(PROGRAMS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=BACKENDS, default="native",
+                   help="native: the modes above; openai: API speculative execution on a character-card "
+                        "program (modes openai, openai_spec) and run_batch with and without prefix "
+                        "hoisting on few-shot QA (hoist, no_hoist)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, to check the command runs (not the benchmark)")
     p.add_argument("--json", default=None)

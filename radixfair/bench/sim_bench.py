@@ -69,6 +69,9 @@ def main(ns: argparse.Namespace) -> int:
             raise ValueError("--cv sets the burstiness of --arrival gamma; Poisson arrivals have cv 1")
         scenario = replace(scenario, trace=replace(scenario.trace, arrival=arrival,
                                                    cv=scenario.trace.cv if ns.cv is None else ns.cv))
+    if ns.disable_row_share:
+        sim = scenario.sim
+        scenario = replace(scenario, sim=replace(sim, policy_config=replace(sim.policy_config, row_share=False)))
     spec = ns.policies or ",".join(default_policies(scenario))
     policies = parse_router_policies(spec) if scenario.distributed else parse_policies(spec)
     if ns.workers is not None and ns.workers < 1:
@@ -274,6 +277,9 @@ def add_parser(sub: Any) -> None:
                    help="arrival process of the generated traces (default: the scenario's, Poisson)")
     p.add_argument("--cv", type=float, default=None,
                    help="coefficient of variation of Gamma inter-arrival gaps (implies --arrival gamma; 1 = Poisson)")
+    p.add_argument("--disable-row-share", action="store_true",
+                   help="the workers' vtc and dlpm without a guaranteed share of the batch's rows per client "
+                        "(the engine flag of the same name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of each client's service rate over time (dist-s1/s2: p99 of "

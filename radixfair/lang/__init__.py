@@ -8,7 +8,8 @@ server as one batch that shares its prefixes through the radix cache.
 
 The names and signatures are SGLang's (`import radixfair as sgl` runs an SGLang program).
 Backends: `RuntimeEndpoint(url)` (a server's native HTTP API), `Runtime(...)` (an engine in this
-process) or `InProcessBackend(engine)`. Nothing here imports torch until an in-process engine is
+process), `InProcessBackend(engine)`, or `OpenAI(model, base_url=...)` (any OpenAI-style `/v1` API,
+with API speculative execution: `@function(num_api_spec_tokens=N)`). Nothing here imports torch until an in-process engine is
 built.
 """
 
@@ -36,6 +37,7 @@ from radixfair.lang.api import (
 )
 from radixfair.lang.backend.base import Backend
 from radixfair.lang.backend.inprocess import InProcessBackend
+from radixfair.lang.backend.openai import OpenAI
 from radixfair.lang.backend.runtime_endpoint import RuntimeEndpoint
 from radixfair.lang.chat_template import ChatTemplate, get_chat_template
 from radixfair.lang.choices import (
@@ -49,6 +51,8 @@ from radixfair.lang.config import global_config
 from radixfair.lang.errors import BackendError
 from radixfair.lang.interpreter import ProgramState, ProgramStateGroup
 from radixfair.lang.program import SglFunction
+from radixfair.lang.tracer import ProgramTrace
+from radixfair.lang.usage import UsageCounts
 
 __all__ = [
     "Backend",
@@ -57,11 +61,14 @@ __all__ = [
     "ChoicesDecision",
     "ChoicesSamplingMethod",
     "InProcessBackend",
+    "OpenAI",
     "ProgramState",
     "ProgramStateGroup",
+    "ProgramTrace",
     "Runtime",
     "RuntimeEndpoint",
     "SglFunction",
+    "UsageCounts",
     "assistant",
     "assistant_begin",
     "assistant_end",

@@ -35,9 +35,11 @@ from radixfair.lang.ir import (
     as_expr,
     named_exprs,
 )
+from radixfair.lang.speculative import DeferredGen, MessageMismatch, Speculation, fill_message
+from radixfair.lang.usage import ApiUsage, UsageCounts
 
 if TYPE_CHECKING:
-    from radixfair.lang.backend.base import Backend
+    from radixfair.lang.backend.base import Backend, Continuation
     from radixfair.lang.chat_template import ChatTemplate
 
 _END = object()  # the worker's last item: the program appends nothing more
@@ -47,13 +49,22 @@ class StreamExecutor:
     """One program state's worker and everything it has produced."""
 
     def __init__(self, backend: Backend, arguments: dict[str, Any], default_params: GenParams,
-                 chat_template: ChatTemplate | None = None, stream: bool = False, use_thread: bool = True) -> None:
+                 chat_template: ChatTemplate | None = None, stream: bool = False, use_thread: bool = True,
+                 num_api_spec_tokens: int | None = None) -> None:
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.arguments = arguments
         self.default_params = default_params
         self.stream = stream
         self.chat_template = chat_template or backend.get_chat_template()
+        self.num_api_spec_tokens = num_api_spec_tokens
+        self.speculation = Speculation(num_api_spec_tokens) if num_api_spec_tokens is not None else None
+        self.api_usage = ApiUsage(parent=backend.api_usage)
+        # a chat model's assistant message under speculation: its gens, run as one call at its end
+        self._deferred: list[DeferredGen] = []
+        # the same seen from the program's thread: the gens of the message it has not closed yet,
+        # whose values cannot be read before it does
+        self._open_message: set[str] | None = None
 
         self.text_ = ""
         self.messages_: list[dict[str, Any]] = []
@@ -83,6 +94,8 @@ class StreamExecutor:
 
     # ---- what the caller's thread does -------------------------------------------------------
     def submit(self, expr: Expr) -> None:
+        if self.speculation is not None and self.backend.is_chat_model:
+            self._track_message(expr)
         for name in named_exprs(expr):
             event = threading.Event()
             if self.error_ is not None:
@@ -110,7 +123,25 @@ class StreamExecutor:
             self._finish()
         self.backend.end_program(self)
 
+    def _track_message(self, expr: Expr) -> None:
+        if isinstance(expr, ExprList):
+            for e in expr.exprs:
+                self._track_message(e)
+        elif isinstance(expr, RoleBegin) and expr.role == "assistant":
+            self._open_message = set()
+        elif isinstance(expr, RoleEnd) and expr.role == "assistant":
+            self._open_message = None
+        elif isinstance(expr, Gen) and expr.name is not None and self._open_message is not None:
+            self._open_message.add(expr.name)
+
+    def _check_readable(self, name: str) -> None:
+        if self._open_message is not None and name in self._open_message:
+            raise RuntimeError(f"{name!r} is read inside the assistant message that generates it: with API "
+                               "speculative execution on a chat model the message is one call at its end; "
+                               "read it after the message")
+
     def get_var(self, name: str) -> Any:
+        self._check_readable(name)
         event = self.variable_event.get(name)
         if event is not None:
             event.wait()
@@ -124,6 +155,7 @@ class StreamExecutor:
         self.variables[name] = value
 
     def get_meta_info(self, name: str, timeout: float | None = None) -> Any:
+        self._check_readable(name)
         event = self.variable_event.get(name)
         if event is not None and not event.wait(timeout):
             raise TimeoutError(f"timed out waiting for {name!r}")
@@ -154,7 +186,7 @@ class StreamExecutor:
         children = []
         for _ in range(size):
             child = StreamExecutor(self.backend, self.arguments, self.default_params, self.chat_template,
-                                   self.stream, self.use_thread)
+                                   self.stream, self.use_thread, self.num_api_spec_tokens)
             child.text_ = self.text_
             child.messages_ = list(self.messages_)
             child.variables = dict(self.variables)
@@ -201,6 +233,11 @@ class StreamExecutor:
         self._notify()
 
     def _finish(self) -> None:
+        if self._deferred and self.error_ is None:
+            try:
+                self._run_deferred()  # a message the program left open
+            except Exception as e:
+                self._fail(e)
         self.is_finished = True
         self._notify()
 
@@ -238,6 +275,27 @@ class StreamExecutor:
 
     def _fill(self, text: str) -> None:
         self.text_ += text
+        if self.speculation is not None:
+            self.speculation.follow(self, text)
+
+    # ---- calls to the backend, counted ----------------------------------------------------------
+    def _count(self, meta: dict[str, Any] | None, **extra: int) -> None:
+        meta = meta or {}
+        self.api_usage.add(calls=1, input_tokens=int(meta.get("prompt_tokens") or 0),
+                           output_tokens=int(meta.get("completion_tokens") or 0), **extra)
+
+    def call_generate(self, params: GenParams) -> tuple[str, dict[str, Any]]:
+        text, meta = self.backend.generate(self, params)
+        self._count(meta)
+        return text, meta
+
+    def call_speculate(self, params: GenParams) -> Continuation:
+        cont = self.backend.speculate(self, params)
+        self._count(cont.meta_info, spec_calls=1)
+        return cont
+
+    def usage(self) -> UsageCounts:
+        return self.api_usage.snapshot()
 
     def _set(self, name: str | None, value: Any, meta: Any) -> None:
         if name is None:
@@ -259,11 +317,22 @@ class StreamExecutor:
     def _execute_gen(self, expr: Gen) -> None:
         params = self.resolve_params(expr.overrides)
         name = expr.name
+        if self.speculation is not None and self.backend.is_chat_model and self.cur_role == "assistant" \
+                and not self.stream:
+            self._deferred.append(DeferredGen(len(self.text_) - self.cur_role_begin_pos, name, params))
+            return
         if not self.stream:
-            text, meta = self.backend.generate(self, params)
+            if self.speculation is not None and not self.backend.is_chat_model:
+                text, meta = self.speculation.gen(self, params)
+            else:
+                text, meta = self.call_generate(params)
+                if self.speculation is not None:
+                    self.speculation.drop(self, missed=False)
             self.text_ += text
             self._set(name, text, meta)
             return
+        if self.speculation is not None:
+            self.speculation.drop(self, missed=False)
         value, last_meta = "", None
         if name is not None:
             self.variables[name] = ""
@@ -275,18 +344,52 @@ class StreamExecutor:
                 self.variables[name] = value
                 self.meta_info[name] = meta
             self._notify()
+        self._count(last_meta)
         self._set(name, value, last_meta)
 
+    def _run_deferred(self) -> None:
+        """One call for the assistant message; each waiting gen's value is cut out of the answer."""
+        gens, self._deferred = self._deferred, []
+        assert self.speculation is not None
+        begin = self.cur_role_begin_pos
+        content = self.text_[begin:]
+        first = gens[0].params
+        params = replace(first, max_new_tokens=max(self.speculation.num_tokens, first.max_new_tokens), stop=())
+        self.text_ = self.text_[:begin]  # the call sends the messages before this one
+        try:
+            answer, meta = self.call_generate(params)
+        finally:
+            self.text_ = self.text_[:begin] + content
+        self.api_usage.add(spec_calls=1)
+        try:
+            values = fill_message(answer, content, gens)
+        except MessageMismatch as e:
+            self.api_usage.add(spec_misses=1)
+            raise ValueError(f"num_api_spec_tokens: the chat model's message does not follow the program's "
+                             f"text ({e}); the whole message was {answer!r}") from e
+        self.api_usage.add(spec_hits=len(gens) - 1)
+        parts, done = [], 0
+        for g, value in zip(gens, values, strict=True):
+            parts += [content[done:g.offset], value]
+            done = g.offset
+        self.text_ = self.text_[:begin] + "".join(parts) + content[done:]
+        for g, value in zip(gens, values, strict=True):
+            self._set(g.name, value, {**meta, "speculative": True})
+
     def _execute_select(self, expr: Select) -> None:
+        if self._deferred:
+            raise ValueError("select: not inside an assistant message whose gens wait for API speculative "
+                             "execution (num_api_spec_tokens) on a chat model")
         decision = self.backend.select(self, expr.choices, expr.temperature, expr.choices_method)
-        self.text_ += decision.decision
+        self._count(decision.meta_info)
+        self._fill(decision.decision)
         self._set(expr.name, decision.decision, decision.meta_info)
 
     def _role_begin(self, role: str) -> None:
         if self.cur_role is not None:
             raise ValueError(f"{role}: roles cannot nest (the {self.cur_role} role is still open)")
         prefix, suffix = self.chat_template.get_prefix_and_suffix(role, self.messages_)
-        self.text_ += prefix
+        self._fill(prefix)
         self.cur_role, self.cur_role_begin_pos, self.cur_role_suffix = role, len(self.text_), suffix
 
     def _role_end(self, role: str) -> None:
@@ -294,9 +397,11 @@ class StreamExecutor:
             raise ValueError(f"{role}_end() without {role}_begin()"
                              + (f" (the {self.cur_role} role is open)" if self.cur_role else ""))
         if role == "assistant" and self.backend.is_chat_model:
+            if self._deferred:
+                self._run_deferred()
             self.backend.role_end_generate(self)
         content = self.text_[self.cur_role_begin_pos:]
-        self.text_ += self.cur_role_suffix
+        self._fill(self.cur_role_suffix)
         self.messages_.append({"role": role, "content": content})
         self.cur_role, self.cur_role_suffix = None, ""
 
@@ -310,10 +415,10 @@ class StreamExecutor:
             for b in branches:
                 b.submit(CommitLazy())
                 b.sync()
-            self.text_ += "".join(b.text_[b.fork_start_text_pos:] for b in branches)
+            self._fill("".join(b.text_[b.fork_start_text_pos:] for b in branches))
             self.backend.concatenate_and_append([b.sid for b in branches], self.sid)
         else:
-            self.text_ += "".join(b.text_[b.fork_start_text_pos:] for b in branches)
+            self._fill("".join(b.text_[b.fork_start_text_pos:] for b in branches))
 
 
 class ProgramState:
@@ -404,6 +509,12 @@ class ProgramState:
 
     def error(self) -> BaseException | None:
         return self.stream_executor.error()
+
+    def api_usage(self) -> UsageCounts:
+        """This state's calls and tokens so far (not its forks'), and what API speculative
+        execution saved."""
+        self.stream_executor.sync()
+        return self.stream_executor.usage()
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """The text (or one variable) as it grows: chunks that concatenate to the final value.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from radixfair.lang.config import global_config
 from radixfair.lang.interpreter import ProgramState, StreamExecutor
 from radixfair.lang.ir import GenParams
-from radixfair.lang.tracer import extract_prefix
+from radixfair.lang.tracer import ProgramTrace, trace_program
 
 if TYPE_CHECKING:
     from radixfair.lang.backend.base import Backend
@@ -49,6 +49,10 @@ class SglFunction:
 
     def __init__(self, func: Callable[..., Any], num_api_spec_tokens: int | None = None,
                  bind_arguments: dict[str, Any] | None = None) -> None:
+        if num_api_spec_tokens is not None and (isinstance(num_api_spec_tokens, bool)
+                                                or not isinstance(num_api_spec_tokens, int)
+                                                or num_api_spec_tokens < 1):
+            raise ValueError(f"num_api_spec_tokens: must be an integer >= 1 (got {num_api_spec_tokens!r})")
         self.func = func
         self.num_api_spec_tokens = num_api_spec_tokens
         self.bind_arguments = dict(bind_arguments or {})
@@ -113,6 +117,22 @@ class SglFunction:
                             f"{required}..{len(self.arg_names)}")
         return dict(zip(self.arg_names, a, strict=False))
 
+    def trace(self, *, backend: Any = None, **kwargs: Any) -> ProgramTrace:
+        """Run the program symbolically: its arguments are placeholders (except bound ones and
+        `kwargs`, which are constants), and the first step that depends on one of them or on the
+        model ends the trace. Returns the constant prefix (roles rendered with the backend's chat
+        template; SGLang's `default` without a backend) and what ended it."""
+        unknown = sorted(set(kwargs) - set(self.arg_names))
+        if unknown:
+            raise TypeError(f"trace: the program has no argument(s) {', '.join(unknown)}")
+        if backend is None and global_config.default_backend is None:
+            from radixfair.lang.chat_template import get_chat_template
+
+            template = get_chat_template("default")
+        else:
+            template = resolve_backend(backend).get_chat_template()
+        return trace_program(self, template, kwargs)
+
     def cache(self, backend: Any = None) -> str:
         """Prefill the program's constant prefix (the text before its first use of an argument or
         the model); returns that prefix."""
@@ -141,11 +161,9 @@ def _run_body(state: ProgramState, program: SglFunction, args: Sequence[Any], kw
 
 def run_program(program: SglFunction, backend: Backend, args: Sequence[Any], kwargs: dict[str, Any],
                 default_params: GenParams, stream: bool, sync: bool = False, use_thread: bool = True) -> ProgramState:
-    if program.num_api_spec_tokens is not None:
-        raise NotImplementedError("num_api_spec_tokens (API speculative execution) needs an OpenAI backend, "
-                                  "which radixfair does not have yet")
     kwargs = {**kwargs, **program.bind_arguments}
-    executor = StreamExecutor(backend, kwargs, default_params, stream=stream, use_thread=use_thread)
+    executor = StreamExecutor(backend, kwargs, default_params, stream=stream, use_thread=use_thread,
+                              num_api_spec_tokens=program.num_api_spec_tokens)
     state = ProgramState(executor)
     if stream:
         def body() -> None:
@@ -160,7 +178,7 @@ def run_program(program: SglFunction, backend: Backend, args: Sequence[Any], kwa
 
 
 def cache_program(program: SglFunction, backend: Backend) -> str:
-    prefix = extract_prefix(program, backend.get_chat_template())
+    prefix = trace_program(program, backend.get_chat_template()).prefix
     if prefix:
         backend.cache_prefix(prefix)
     return prefix

@@ -17,7 +17,8 @@ import numpy as np
 from radixfair.cache.allocator import SlotAllocator, SlotArray
 from radixfair.cache.prefix_tree import PrefixTree
 from radixfair.cache.radix_cache import RadixCache
-from radixfair.io_struct import EngineStats, FinishReason, TokenLogprob
+from radixfair.io_struct import ClientStats, EngineStats, FinishReason, TokenLogprob
+from radixfair.metrics.service import charged_service
 from radixfair.sched.batch import BatchMode, BatchOutput, IntArray, ScheduledBatch
 from radixfair.sched.kv_manager import KVManager
 from radixfair.sched.policies.base import SchedulePolicy
@@ -47,6 +48,10 @@ class SchedulerConfig:
     # A waiting request whose uncached part starts with this many tokens that another request
     # of the same prefill batch is computing waits one batch and reuses them from the tree.
     in_batch_prefix_tokens: int = 32
+
+
+# clients whose charged service the scheduler keeps apart (the policies' own default bound)
+MAX_SERVICE_CLIENTS = 10000
 
 
 @dataclass
@@ -99,6 +104,9 @@ class Scheduler:
         # Set when a waiting request may have been aborted: the queue can hold thousands, so it is
         # scanned for them only then.
         self._abort_pending = False
+        # client -> charged service delivered so far (w_in per prompt token computed for the first
+        # time, w_out per output token), for the live fairness view; see `_count_service`
+        self._service: dict[str, float] = {}
 
     @property
     def tree(self) -> RadixCache:
@@ -114,7 +122,38 @@ class Scheduler:
             evicted_tokens=kv.tree.evicted_tokens, tree_tokens=kv.tree.total_tokens(),
             free_slots=kv.allocator.available(), max_total_tokens=self.config.max_total_tokens,
             evictable_slots=kv.tree.evictable_size(), protected_slots=kv.tree.protected_size(),
+            policy=self.policy.name, balance=self.policy.balances()[0], clients=self.client_stats(),
         )
+
+    def client_stats(self) -> tuple[ClientStats, ...]:
+        """Per client with requests in the system or service charged: queue, batch, service, and
+        the policy's balance (deficit or counter), sorted by client."""
+        waiting: dict[str, int] = {}
+        running: dict[str, int] = {}
+        for r in self.waiting:
+            if not r.finished:
+                waiting[r.client_id] = waiting.get(r.client_id, 0) + 1
+        live = list(self.running)
+        if self.chunked_req is not None and self.chunked_req not in live:
+            live.append(self.chunked_req)
+        for r in live:
+            if not r.finished:
+                running[r.client_id] = running.get(r.client_id, 0) + 1
+        _, balances = self.policy.balances()
+        names = sorted(set(waiting) | set(running) | set(self._service))
+        return tuple(ClientStats(c, waiting.get(c, 0), running.get(c, 0), self._service.get(c, 0.0), balances.get(c))
+                     for c in names)
+
+    def _count_service(self, req: Req, extend: int, output: int) -> None:
+        c = req.client_id
+        if c not in self._service and len(self._service) >= MAX_SERVICE_CLIENTS:
+            # bounded like the policies' own per-client state: forget clients with nothing in the
+            # system (a reader of the totals sees a client restart from 0, never a wrong rate)
+            live = {r.client_id for r in self.waiting} | {r.client_id for r in self.running}
+            for u in [u for u in self._service if u not in live]:
+                del self._service[u]
+        cfg = self.policy.config
+        self._service[c] = self._service.get(c, 0.0) + charged_service(extend, output, cfg.w_in, cfg.w_out)
 
     # ---- queue ---------------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -320,6 +359,7 @@ class Scheduler:
         req.charged_upto = max(req.charged_upto, req.kv_len)
         if new or first:
             self.policy.on_admit(req, new, cached_len)
+            self._count_service(req, new, 0)
 
     def _build_prefill(self, admitted: list[tuple[Req, int]]) -> ScheduledBatch:
         ids: list[int] = []
@@ -521,6 +561,7 @@ class Scheduler:
                     logger.exception("request %s: could not apply its sampled token %d", req.rid, token)
                     req.fail("internal error while decoding the output")
                 self.policy.on_decode(req, 1)
+                self._count_service(req, 0, 1)
                 self._counters.decode_tokens += 1
                 forced = req.forced_tokens - forced_before
                 if forced:
@@ -528,6 +569,7 @@ class Scheduler:
                     # extend tokens (w_in) as they are appended, as a sampled token is (w_out); the
                     # extend pass that computes them, or a re-prefill after retraction, adds nothing
                     self.policy.on_admit(req, forced, 0)
+                    self._count_service(req, forced, 0)
                     req.charged_upto = len(req.origin_input_ids) + len(req.output_ids)
             if prefilled:
                 if self.chunked_req is req:

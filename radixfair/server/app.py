@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from radixfair.server import native_api, openai_api
+from radixfair.metrics.live_fairness import FairnessView
+from radixfair.server import fairness, native_api, openai_api
 from radixfair.server.admission import Admission, AdmissionLimits
 from radixfair.server.auth import ApiKeyAuth, Identity, ServerClient
 from radixfair.server.errors import install_error_handlers
@@ -25,6 +26,7 @@ from radixfair.server.middleware import BodyLimit, JSONBodies
 from radixfair.server.request_log import RequestLog
 from radixfair.server.server_args import ServerArgs
 from radixfair.server.state import ServerState
+from radixfair.server.trace_recorder import TraceRecorder
 from radixfair.server.version import version
 
 if TYPE_CHECKING:
@@ -44,17 +46,23 @@ def create_app(engine: Engine, api_keys: Mapping[str, ServerClient] | None = Non
                args: ServerArgs | None = None, **overrides: Any) -> FastAPI:
     """`overrides` replace fields of `args` (e.g. `max_body_bytes=1000`)."""
     args = replace(args or ServerArgs(), **overrides)
-    app = FastAPI(title="radixfair", version=version())
+    app = FastAPI(title="radixfair", version=version(), lifespan=fairness.sampling)
     keys = dict(api_keys or {})
     identity = Identity(args.client_id_headers(), auth=bool(keys), admin=bool(args.admin_api_key))
     admission = Admission(AdmissionLimits(engine.args.max_running_requests, args.max_queued_requests,
                                           args.max_requests_per_client))
     app.state.radixfair = ServerState(engine, metrics_for(engine, args.max_metric_clients), identity, admission,
                                       args.incremental_streaming_output,
-                                      RequestLog(args.log_requests_level) if args.log_requests else None)
+                                      RequestLog(args.log_requests_level) if args.log_requests else None,
+                                      FairnessView(args.fairness_window, max(10 * args.fairness_window, 600.0),
+                                                   args.max_metric_clients),
+                                      fairness.EngineFairness(engine),
+                                      TraceRecorder(args.record_trace, args.record_trace_tokens,
+                                                    args.record_trace_max_bytes) if args.record_trace else None)
     install_error_handlers(app)
     app.include_router(native_api.router)
     app.include_router(openai_api.router)
+    app.include_router(fairness.router)
     # the last added runs first: size limit and read deadline, then auth, then the JSON content-type fix
     app.add_middleware(JSONBodies)
     app.add_middleware(ApiKeyAuth, keys=keys, admin_keys=args.admin_api_key)

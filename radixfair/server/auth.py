@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from radixfair.server.errors import APIError, error_body
 
 OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without credentials
+# opened by a browser, which sends no Bearer header: the handler itself requires the operator key and
+# answers a page that asks for it (radixfair.server.fairness)
+SELF_GUARDED_PATHS = frozenset({"/dashboard"})
 DEFAULT_CLIENT = "default"
 ADMIN_CLIENT = "admin"
 MAX_CLIENT_ID_LEN = 128
@@ -82,7 +85,7 @@ class ApiKeyAuth:
             state["key_client"] = ServerClient(ADMIN_CLIENT)
         elif token and (client := self._lookup(token)) is not None:
             state["key_client"] = client
-        elif self.keys and scope["path"] not in OPEN_PATHS:
+        elif self.keys and scope["path"] not in OPEN_PATHS and scope["path"] not in SELF_GUARDED_PATHS:
             response = JSONResponse(
                 error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
                            "authentication_error", code=401),

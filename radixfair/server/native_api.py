@@ -41,7 +41,8 @@ async def health_generate(request: Request, state: State) -> Response:
                              sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True})
     treqs = await state.tokenize(reqs)
     try:
-        results = await asyncio.wait_for(collect(state, treqs, "health", request), HEALTH_GENERATE_TIMEOUT_S)
+        results = await asyncio.wait_for(collect(state, treqs, "health", request, record=False),
+                                         HEALTH_GENERATE_TIMEOUT_S)
     except asyncio.TimeoutError:
         return JSONResponse(error_body("generation timed out", "service_unavailable", code=503), 503)
     if results[0].error is not None or not results[0].output_ids:

@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from radixfair.io_struct import EngineRequest, TokenizedRequest
+from radixfair.io_struct import EngineOutput, EngineRequest, TokenizedRequest
+from radixfair.metrics.live_fairness import FairnessSource, FairnessView
 from radixfair.sampling_params import is_utf8
 from radixfair.server.admission import Admission
 from radixfair.server.auth import Identity
 from radixfair.server.errors import APIError, param_of, unavailable
 from radixfair.server.metrics import ServerMetrics
 from radixfair.server.request_log import RequestLog
+from radixfair.server.trace_recorder import TraceRecorder
 
 if TYPE_CHECKING:
     from radixfair.engine.engine import Engine
@@ -29,6 +31,9 @@ class ServerState:
     admission: Admission
     incremental_streaming_output: bool = False
     request_log: RequestLog | None = None  # --log-requests
+    fairness: FairnessView = field(default_factory=FairnessView)  # /fairness, /dashboard
+    fairness_source: FairnessSource | None = None  # what the view reads (the engine's stats)
+    trace_recorder: TraceRecorder | None = None  # --record-trace
     _token_texts: dict[int, str] = field(default_factory=dict)  # bounded by the vocabulary
 
     @property
@@ -40,6 +45,24 @@ class ServerState:
     def model_name(self) -> str:
         """The id /v1/models lists (--served-model-name, or the model's clean name): never a path."""
         return self.engine.model_names.served
+
+    def finished(self, client: str, treq: TokenizedRequest, out: EngineOutput | None, arrival: float,
+                 traffic: bool = True) -> None:
+        """A request left: count its last output in the metrics and (if it is users' `traffic`, not
+        the server's own probe) in the fairness view and the trace. `out` None: it was abandoned
+        before its last output (its client left)."""
+        if out is not None:
+            self.metrics.observe(client, out)
+            if traffic:
+                self.fairness.observe(client, out.prompt_tokens, out.cached_tokens, out.ttft, out.e2e_latency)
+        rec = self.trace_recorder
+        if rec is None or not traffic or (out is not None and out.error is not None):
+            return  # refused requests never ran: not part of the load to replay
+        # what it was served; cut off before the end, what it asked for (the load that arrived)
+        output_len = treq.sampling_params.max_new_tokens
+        if out is not None and (out.finish_reason is None or out.finish_reason.type != "abort"):
+            output_len = out.completion_tokens
+        rec.record(client, treq.input_ids, output_len, arrival)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)

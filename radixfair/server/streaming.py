@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -31,16 +32,21 @@ def error_event(e: APIError, index: int | None = None) -> bytes:
     return sse(body)
 
 
-async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
-                        client: str) -> AsyncGenerator[tuple[int, EngineOutput], None]:
+async def merge_streams(state: ServerState, treqs: list[TokenizedRequest], client: str,
+                        record: bool = True) -> AsyncGenerator[tuple[int, EngineOutput], None]:
     """Outputs of several requests as they come, tagged with the request's index.
 
     Leaving early (client gone, error) cancels the pumps; each `generate_async` is closed, and
     its `finally` aborts the request so its KV is released and the scheduler stops working for it.
+    `record` False keeps the server's own probes out of the fairness view and the trace.
     """
     q: asyncio.Queue[tuple[int, EngineOutput | None]] = asyncio.Queue()
 
     log = state.request_log
+    arrival = time.monotonic()
+    # which requests were seen to the end: the others (their client left, even before their pump
+    # ran) are still counted as having arrived, for --record-trace
+    ended = [False] * len(treqs)
 
     async def pump(i: int, treq: TokenizedRequest) -> None:
         text: list[str] | None = [] if log is not None and log.wants_text else None
@@ -51,7 +57,8 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
                     if text is not None:
                         text.append(out.text)
                     if out.finished:
-                        state.metrics.observe(client, out)
+                        ended[i] = True
+                        state.finished(client, treq, out, arrival, record)
                         if log is not None:
                             log.finished(client, treq, out, None if text is None else "".join(text))
         finally:
@@ -70,15 +77,18 @@ async def merge_streams(state: ServerState, treqs: list[TokenizedRequest],
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for i, treq in enumerate(treqs):
+            if not ended[i]:
+                state.finished(client, treq, None, arrival, record)
 
 
 async def collect(state: ServerState, treqs: list[TokenizedRequest], client: str,
-                  request: Request) -> list[RequestResult]:
+                  request: Request, record: bool = True) -> list[RequestResult]:
     """The final results of `treqs`, aborting them all if the HTTP client disconnects first."""
     results = [result_for(t.request) for t in treqs]
 
     async def run() -> None:
-        async with aclosing(merge_streams(state, treqs, client)) as stream:
+        async with aclosing(merge_streams(state, treqs, client, record)) as stream:
             async for i, out in stream:
                 results[i].add(out)
 

@@ -1,7 +1,11 @@
 """Request traces for the simulator: JSONL records and generators for the design's workloads.
 
 A record gives either the prompt's token ids or, more compactly, a list of (prefix group, length)
-segments. A group names a token stream (a document, a few-shot template, a question); its tokens are
+segments, or (what `radixfair serve --record-trace` writes) a chain of block hashes: the prompt cut
+into `block_size`-token blocks, each named by a hash of every token up to its end, as vLLM's
+prefix-cache block hashes are. Two prompts share a block hash exactly when they share every token up
+to that block's end, so replaying each hash as a segment of that name keeps the recorded prompts'
+shared prefixes shared (to the block) without storing the prompts. A group names a token stream (a document, a few-shot template, a question); its tokens are
 a pure function of the group name, so every request naming the same group shares those tokens as a
 prefix, traces stay small on disk, and expanding them gives the same ids on every machine. A
 shorter length of a group is a prefix of a longer one (position i depends only on name and i).
@@ -9,7 +13,9 @@ shorter length of a group is a prefix of a longer one (position i depends only o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ import numpy as np
 
 VOCAB_LO = 100  # skip the special tokens at the start of typical vocabularies
 VOCAB_SIZE = 32_000
+BLOCK_SIZE = 16  # tokens per hashed block of a recorded prompt (vLLM's default block size)
 _M64 = (1 << 64) - 1
 
 
@@ -35,12 +42,27 @@ class TraceRecord:
     # output_len)`); a later record that quotes the answer as a segment of that name then finds it in
     # the cache, as a chat client sending back the model's own reply does. "": arbitrary tokens.
     output_group: str = ""
+    # > 0: the segments are the prompt's block-hash chain (`block_hashes`), written as such
+    block_size: int = 0
 
     def __post_init__(self) -> None:
         if self.prompt is None and not self.segments:
             raise ValueError(f"trace record {self.rid!r} has neither prompt ids nor segments")
         if self.output_len < 1:
             raise ValueError(f"trace record {self.rid!r}: output_len must be >= 1, got {self.output_len}")
+        if self.block_size < 0:
+            raise ValueError(f"trace record {self.rid!r}: block_size must be >= 0, got {self.block_size}")
+
+    @classmethod
+    def recorded(cls, time: float, client: str, input_ids: Sequence[int], output_len: int, rid: str = "",
+                 keep_tokens: bool = False, block_size: int = BLOCK_SIZE) -> TraceRecord:
+        """A served request as a trace record: its prompt as a block-hash chain, and its token ids
+        too with `keep_tokens`."""
+        hashes = block_hashes(input_ids, block_size)
+        n = len(input_ids)
+        segments = tuple((h, min(block_size, n - i * block_size)) for i, h in enumerate(hashes))
+        return cls(time=time, client=client, output_len=output_len, segments=segments,
+                   prompt=tuple(input_ids) if keep_tokens else None, rid=rid, block_size=block_size)
 
     @property
     def prompt_len(self) -> int:
@@ -57,7 +79,13 @@ class TraceRecord:
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"rid": self.rid, "time": self.time, "client": self.client,
                              "output_len": self.output_len}
-        if self.prompt is not None:
+        if self.block_size:
+            d["prompt_len"] = sum(n for _, n in self.segments)
+            d["block_size"] = self.block_size
+            d["blocks"] = [g for g, _ in self.segments]
+            if self.prompt is not None:
+                d["prompt"] = list(self.prompt)
+        elif self.prompt is not None:
             d["prompt"] = list(self.prompt)
         else:
             d["segments"] = [[g, n] for g, n in self.segments]
@@ -68,10 +96,31 @@ class TraceRecord:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TraceRecord:
         prompt = d.get("prompt")
+        segments = tuple((str(g), int(n)) for g, n in d.get("segments", ()))
+        block_size = 0
+        if "blocks" in d:
+            block_size, n, blocks = int(d["block_size"]), int(d["prompt_len"]), [str(b) for b in d["blocks"]]
+            if block_size < 1 or n < 1 or len(blocks) != -(-n // block_size):
+                raise ValueError(f"{len(blocks)} blocks of {block_size} tokens do not make a prompt of {n} tokens")
+            segments = tuple((h, min(block_size, n - i * block_size)) for i, h in enumerate(blocks))
         return cls(time=float(d["time"]), client=str(d["client"]), output_len=int(d["output_len"]),
-                   segments=tuple((str(g), int(n)) for g, n in d.get("segments", ())),
+                   segments=segments,
                    prompt=None if prompt is None else tuple(int(x) for x in prompt), rid=str(d.get("rid", "")),
-                   output_group=str(d.get("output_group", "")))
+                   output_group=str(d.get("output_group", "")), block_size=block_size)
+
+
+def block_hashes(ids: Sequence[int], block_size: int = BLOCK_SIZE) -> list[str]:
+    """The prompt's blocks of `block_size` tokens (the last may be shorter), each named by a hash
+    chained over the previous block's: a block's hash covers every token up to its end."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    out: list[str] = []
+    prev = b""
+    for i in range(0, len(ids), block_size):
+        block = ids[i:i + block_size]
+        prev = hashlib.blake2b(prev + struct.pack(f"<{len(block)}q", *block), digest_size=8).digest()
+        out.append(prev.hex())
+    return out
 
 
 def group_tokens(group: str, n: int, vocab_size: int = VOCAB_SIZE) -> list[int]:

@@ -10,13 +10,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from radixfair.lang.usage import ApiUsage
 
 if TYPE_CHECKING:
     from radixfair.lang.chat_template import ChatTemplate
     from radixfair.lang.choices import ChoicesDecision, ChoicesSamplingMethod
     from radixfair.lang.interpreter import StreamExecutor
     from radixfair.lang.ir import GenParams
+
+
+class Continuation(NamedTuple):
+    """What a speculative generation produced (`Backend.speculate`)."""
+
+    text: str
+    # where each generated token ends in `text`; None where the server does not say
+    token_ends: tuple[int, ...] | None
+    # the model ended it (EOS), rather than the token limit: nothing follows `text`
+    finished: bool
+    meta_info: dict[str, Any]
 
 
 class Backend(ABC):
@@ -43,6 +56,22 @@ class Backend(ABC):
     def select(self, s: StreamExecutor, choices: Sequence[str], temperature: float,
                choices_method: ChoicesSamplingMethod) -> ChoicesDecision:
         """Pick the choice that best continues `s`."""
+
+    def speculate(self, s: StreamExecutor, params: GenParams) -> Continuation:
+        """Continue `s` for API speculative execution (`params` has no stop strings and the
+        speculation's token budget). Backends that can tell where each token ends say so."""
+        text, meta = self.generate(s, params)
+        finish = meta.get("finish_reason")
+        finished = isinstance(finish, dict) and finish.get("type") == "stop"
+        return Continuation(text, None, finished, meta)
+
+    @property
+    def api_usage(self) -> ApiUsage:
+        """Calls and tokens of every program run on this backend (see `radixfair.lang.usage`)."""
+        usage = self.__dict__.get("_api_usage")
+        if usage is None:
+            usage = self.__dict__.setdefault("_api_usage", ApiUsage())
+        return usage
 
     # ---- optional: prefix caching, program lifetime, server control ----------------------------
     def cache_prefix(self, prefix: str) -> None:

@@ -35,6 +35,9 @@ class PolicyConfig:
     # client id -> weight (share of service); absent clients use their requests' `weight` (1.0)
     client_weights: Mapping[str, float] = field(default_factory=dict)
     max_clients: int = DEFAULT_MAX_CLIENTS
+    # vtc and dlpm guarantee each active client its weighted share of the batch's rows (see
+    # ClientBook.within_batch_share); False leaves the deficits or counters alone to decide
+    row_share: bool = True
 
     def __post_init__(self) -> None:
         for name in ("w_in", "w_out"):
@@ -130,6 +133,11 @@ class SchedulePolicy(ABC):
 
     def on_finish(self, req: Req) -> None:  # noqa: B027
         """`req` left the system (finished or aborted)."""
+
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        """The per-client state a fair policy schedules by, for operators to see: its name
+        ("deficit", "counter") and client -> value; ("", {}) for a policy that keeps none."""
+        return "", {}
 
 
 def newest(reqs: Iterable[Req]) -> Req:

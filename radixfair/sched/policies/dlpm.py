@@ -17,7 +17,7 @@ round.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from radixfair.sched.policies.base import PolicyConfig, newest_of_most_served
@@ -55,6 +55,9 @@ class DLPMPolicy(PrefixAwarePolicy):
             self.weights.pop(u, None)
         return len(gone)
 
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        return "deficit", dict(self.deficits)
+
     def retract_victim(self, running: Sequence[Req]) -> Req:
         # furthest over its share: the lowest deficit per unit of quantum
         return newest_of_most_served(running, lambda u: -self.deficits.get(u, 0.0) / self.quantum(u))
@@ -77,7 +80,7 @@ class DLPMPolicy(PrefixAwarePolicy):
         return (r for r in lpm if d[r.client_id] > 0)
 
     def set_batch_slots(self, max_running_requests: int) -> None:
-        self.batch_slots = max_running_requests
+        self.batch_slots = max_running_requests if self.config.row_share else 1 << 30
 
     def may_admit(self, req: Req) -> bool:
         u = req.client_id

@@ -7,7 +7,7 @@ charges that way) cached prompt tokens count too. Every hook is passed through u
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from radixfair.metrics.service import charged_service
@@ -67,6 +67,9 @@ class MeteredPolicy(SchedulePolicy):
 
     def on_finish(self, req: Req) -> None:
         self.inner.on_finish(req)
+
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        return self.inner.balances()
 
     def _charge(self, req: Req, amount: float) -> None:
         u = req.client_id

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from radixfair.sched.policies.base import PolicyConfig, SchedulePolicy, newest_of_most_served
@@ -86,6 +86,9 @@ class VTCPolicy(SchedulePolicy):
             self._fifos.pop(u, None)
         return len(gone)
 
+    def balances(self) -> tuple[str, Mapping[str, float]]:
+        return "counter", dict(self.counters)
+
     def retract_victim(self, running: Sequence[Req]) -> Req:
         return newest_of_most_served(running, lambda u: self.counters.get(u, 0.0))
 
@@ -106,7 +109,7 @@ class VTCPolicy(SchedulePolicy):
         return self._picks()
 
     def set_batch_slots(self, max_running_requests: int) -> None:
-        self.batch_slots = max_running_requests
+        self.batch_slots = max_running_requests if self.config.row_share else 1 << 30
 
     def may_admit(self, req: Req) -> bool:
         u = req.client_id
