@@ -104,6 +104,15 @@ def test_tuning_sets_a_switch_per_shape_and_frees_unused_copies() -> None:
         assert (layer.dense is None) == (switch >= NEVER)
 
 
+def test_a_layer_without_a_kernel_always_uses_its_dense_copy() -> None:
+    # 72 outputs: not a multiple of 16, so no int4 CPU packing: the codes are dequantized per call
+    layers = [QuantLinear(_weights(72, 64), None, "int4", torch.float32), QuantLinear(_weights(96, 64), None,
+                                                                                      "int4", torch.float32)]
+    assert not layers[0].has_kernel and layers[1].has_kernel
+    tune_dense_switch(layers, reps=1)
+    assert layers[0].dense is not None and layers[0].dense_min_rows == 1
+
+
 def test_auto_keeps_the_gguf_family_and_is_none_for_safetensors() -> None:
     assert resolve_quantization("auto", "gguf", {"Q4_1": 210, "Q8_0": 1}).mode == "int4"
     assert resolve_quantization("auto", "gguf", {"Q4_K": 100, "Q6_K": 20}).mode == "int4"

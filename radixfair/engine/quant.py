@@ -191,8 +191,13 @@ class QuantLinear(nn.Module):
                                                               self.scale_zeros).t().to(self.dtype).contiguous()
         return dequantize_int4(unpack_nibbles(self.qweight), sz[..., 0], sz[..., 1], self.dtype)
 
+    @property
+    def has_kernel(self) -> bool:
+        """Whether a weight-only kernel multiplies the codes (else they are dequantized per call)."""
+        return self._kernel_fn != self._dequant_kernel
+
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_fn == self._dequant_kernel:
+        if not self.has_kernel:
             return F.linear(x, self.dequantized(), self.bias)
         y = self._kernel_fn(x.to(self.kernel_dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -270,10 +275,14 @@ def measure_dense_switch(layer: QuantLinear, reps: int = 5) -> int:
 
 def tune_dense_switch(layers: list[QuantLinear], reps: int = 5) -> dict[tuple[int, int, str], int]:
     """Measure once per (shape, kind) and set `dense_min_rows` on every layer; layers whose quantized
-    kernel wins at every measured size drop their dense copy (its memory is freed)."""
+    kernel wins at every measured size drop their dense copy (its memory is freed). A layer without a
+    kernel on its device keeps its copy and uses it for every pass."""
     found: dict[tuple[int, int, str], int] = {}
     for layer in layers:
         if layer.dense is None:
+            continue
+        if not layer.has_kernel:  # no kernel to win anywhere: the dense copy serves every pass
+            layer.dense_min_rows = 1
             continue
         key = (layer.out_features, layer.in_features, layer.kind)
         if key not in found:
