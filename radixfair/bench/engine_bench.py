@@ -112,17 +112,23 @@ def run_radixfair(engine: Any, wl: Workload) -> float:
     return dt
 
 
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of a static batch, padded on the left as transformers expects."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, longest - len(p) :] = torch.tensor(p)
+        mask[j, longest - len(p) :] = 1
+    return ids, mask
+
+
 def run_hf(model: Any, wl: Workload, max_batch: int, device: torch.device, progress: Any = None) -> float:
     t = time.perf_counter()
     for i in range(0, len(wl.prompts), max_batch):
         prompts = wl.prompts[i : i + max_batch]
         outs = wl.output_lens[i : i + max_batch]
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, longest - len(p) :] = torch.tensor(p)
-            mask[j, longest - len(p) :] = 1
+        ids, mask = left_padded(prompts)
         n = max(outs)
         with torch.inference_mode():
             model.generate(
@@ -149,12 +155,7 @@ def run_hf_prefill(model: Any, wl: Workload, max_batch: int, device: torch.devic
     t = time.perf_counter()
     for i in range(0, len(wl.prompts), max_batch):
         prompts = wl.prompts[i : i + max_batch]
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, longest - len(p) :] = torch.tensor(p)
-            mask[j, longest - len(p) :] = 1
+        ids, mask = left_padded(prompts)
         with torch.inference_mode():
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
                   logits_to_keep=1)
