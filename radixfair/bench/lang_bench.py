@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from radixfair.bench.processes import free_port, wait_healthy
 from radixfair.bench.report import print_table, write_json
 from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
@@ -420,12 +420,6 @@ def run_plain(url: str, program: str, wl: Workload, sizes: Sizes) -> tuple[float
 
 
 # ---- servers ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_command(args: EngineArgs, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "radixfair.cli", "serve", "--port", str(port)]
     for name in ENGINE_FLAGS:
@@ -440,9 +434,7 @@ def serve_command(args: EngineArgs, port: int) -> list[str]:
 @contextmanager
 def served(args: EngineArgs, timeout: float = 900.0) -> Iterator[str]:
     """A `radixfair serve` subprocess with `args`; yields its URL once it answers /health."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -450,20 +442,11 @@ def served(args: EngineArgs, timeout: float = 900.0) -> Iterator[str]:
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(serve_command(args, port), stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"the server exited ({proc.returncode}):\n"
-                                       + log.read().decode(errors="replace")[-3000:])
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not answer within {timeout:.0f} s")
-                time.sleep(0.25)
+            def server_log() -> str:
+                log.seek(0)
+                return ":\n" + log.read().decode(errors="replace")[-3000:]
+
+            wait_healthy(url, proc, timeout, "the server", server_log, poll=0.25)
             yield url
         finally:
             if proc.poll() is None:

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from radixfair.bench.fairness_workload import FAIRNESS_TRACE, Arrival, Workload, make_workload
+from radixfair.bench.processes import free_port, wait_healthy
 from radixfair.bench.report import print_table, write_json
 from radixfair.engine_args import EngineArgs
 from radixfair.metrics import RequestRecord
@@ -42,14 +43,6 @@ DEFAULT_POLICIES = ("d2lpm", "cache_aware", "round_robin")
 ROUTER_KEY_CLIENT = "router"
 POOL_ROOM = 768  # KV tokens for the running requests, besides the documents
 GRACE_FACTOR = 1.5  # a run is cut at this times the arrivals' span; what is unfinished then is aborted
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def replay(url: str, wl: Workload, texts: list[str], cut: float) -> tuple[list[RequestRecord], float]:
@@ -112,7 +105,7 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="radixfair-bench-router", daemon=True)
     thread.start()
@@ -205,24 +198,13 @@ def sglang_router_available(python: str) -> bool:
 
 def _run_sglang_router(python: str, urls: list[str], wl: Workload, texts: list[str],
                        cut: float) -> tuple[list[RequestRecord], float]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([python, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
                              "cache_aware", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglang_router exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("sglang_router did not start within 60 s")
-            time.sleep(0.5)
+        wait_healthy(url, proc, 60, "sglang_router")
         return asyncio.run(replay(url, wl, texts, cut))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
