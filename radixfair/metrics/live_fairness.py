@@ -56,9 +56,12 @@ class FairnessSnapshot:
     input_tokens: int  # cumulative prompt tokens admitted
     cached_tokens: int  # of which served from the cache
     decode_tokens: int  # cumulative output tokens
-    kv_used: float  # share of the KV pool in use, 0..1
+    kv_used: float | None  # share of the KV pool in use, 0..1 (a router's: of the workers that report it; or None)
     clients: tuple[ClientStats, ...]
     weights: Mapping[str, float] = field(default_factory=dict)  # client -> weight (absent: 1)
+    # a client with requests running counts as backlogged too: a router's "running" are in flight at
+    # the workers, where they may as well be waiting in a queue it cannot see
+    running_backlogged: bool = False
 
 
 class FairnessSource(Protocol):
@@ -163,7 +166,7 @@ class FairnessView:
             hit = snap.cached_tokens / snap.input_tokens if snap.input_tokens else 0.0
         shown = _shown(snap.clients, self.max_clients)
         rates = {c.client: _rate(c, in_window, now) for c in shown}
-        backlogged = {c.client for c in shown if c.waiting > 0}
+        backlogged = {c.client for c in shown if c.waiting > 0 or (snap.running_backlogged and c.running > 0)}
         per_weight = {c: rates[c] * span / snap.weights.get(c, 1.0) for c in backlogged}
         clients = []
         for c in shown:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from radixfair.router.policies import ClientLimitError, NoHealthyWorkerError, RouteRequest, Usage
 from radixfair.router.request_queue import overloaded
 from radixfair.router.retry import retryable
-from radixfair.router.state import Dispatch, RouterState
+from radixfair.router.state import Dispatch, RoutedRequest, RouterState, decrement
 from radixfair.server.errors import APIError, error_body
 from radixfair.server.streaming import SSE_DONE, sse
 
@@ -92,11 +93,29 @@ async def _acquire(state: RouterState, route: RouteRequest, tried: set[str]) -> 
         raise overloaded(str(e)) from e
 
 
-async def forward(state: RouterState, request: Request, path: str, raw: bytes, route: RouteRequest,
+async def forward(state: RouterState, request: Request, path: str, raw: bytes, routed: RoutedRequest,
                   stream: bool) -> Response:
-    """Send the request to the worker the policy picks, retrying elsewhere as the flags allow."""
-    slot = await state.queue.acquire()
+    """Send the request to the worker the policy picks, retrying elsewhere as the flags allow. Until
+    its first dispatch it counts as waiting (for a queue place, or held by the policy); when it
+    leaves, `state.left(routed)` is told, once."""
+    route = routed.route
+    client = route.client_id
+    state.waiting[client] += 1
+    waiting = True
     handed_over = False
+
+    def dispatched() -> None:
+        nonlocal waiting
+        if waiting:
+            waiting = False
+            decrement(state.waiting, client)
+
+    try:
+        slot = await state.queue.acquire()
+    except BaseException:
+        dispatched()
+        state.left(routed)
+        raise
     try:
         args = state.args
         max_retries = 0 if args.disable_retries else args.retry_max_retries
@@ -107,7 +126,10 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
             if attempt:
                 state.retries += 1
                 await asyncio.sleep(state.backoff.delay_secs(attempt))
-            d = await _acquire(state, route, tried)
+            try:
+                d = await _acquire(state, route, tried)
+            finally:
+                dispatched()
             url = d.worker.url
             tried.add(url)
             key = (route.client_id, route.rid)
@@ -120,18 +142,24 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                     if r.status_code == 200:
                         handed_over = True
 
+                        routed.ran = True
+
                         async def close(r: httpx.Response = r, d: Dispatch = d, key: tuple[str, str] = key) -> None:
                             try:
                                 await r.aclose()
                             finally:
-                                _done(state, d, key, slot=slot)
+                                try:
+                                    _done(state, d, key, slot=slot)
+                                finally:
+                                    state.left(routed)
 
-                        return _HeldStream(_relay(state, d, r, path, len(route.input_ids)), close)
+                        return _HeldStream(_relay(state, d, r, path, routed), close)
                     await r.aread()
                     await r.aclose()
                 else:
                     r = await _watch(request, state.client.post(url + path, content=raw, headers=headers))
             except ClientGone:
+                routed.ran = True  # cut off while it ran: the trace keeps the load that arrived
                 _done(state, d, key)
                 return Response(status_code=499)  # nobody reads it; the worker saw its connection close
             except httpx.HTTPError as e:
@@ -149,18 +177,22 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                 continue
             usage = None
             if r.status_code == 200:
+                routed.ran = True
                 try:
                     usage = usage_of(path, r.json(), len(route.input_ids))
                 except ValueError:
                     usage = None
+                routed.usage = usage
             _done(state, d, key, usage, ok=True)
             return _passthrough(r)
         if last is not None:
             return last
         raise upstream_error(f"the request failed on {len(tried)} worker(s) after {max_retries} retries")
     finally:
+        dispatched()
         if not handed_over:
             slot.release()
+            state.left(routed)
 
 
 def _done(state: RouterState, d: Dispatch, key: tuple[str, str], usage: Usage | None = None,
@@ -175,8 +207,9 @@ def _done(state: RouterState, d: Dispatch, key: tuple[str, str], usage: Usage | 
 
 
 async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
-                 prompt_len: int) -> AsyncIterator[bytes]:
+                 routed: RoutedRequest) -> AsyncIterator[bytes]:
     """The worker's SSE events as they come; a worker lost mid-stream ends it with an error event."""
+    prompt_len = len(routed.route.input_ids)
     buf = b""
     done = False
     usage: dict[int, Usage] = {}
@@ -191,6 +224,8 @@ async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
                     done = True
                 else:
                     events += 1
+                    if routed.first_token is None:
+                        routed.first_token = time.monotonic()
                     _note_usage(path, event, prompt_len, usage)
                 yield event
         if buf.strip():
@@ -198,6 +233,7 @@ async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
         if not done:
             raise httpx.RemoteProtocolError("the worker ended the stream without [DONE]")
         total = _sum_usage(usage) or Usage(prompt_len, 0, events)
+        routed.usage = total
         d.finish(total, ok=True)
     except httpx.HTTPError as e:
         state.stream_errors += 1
