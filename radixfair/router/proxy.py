@@ -235,6 +235,10 @@ async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
         total = _sum_usage(usage) or Usage(prompt_len, 0, events)
         routed.usage = total
         d.finish(total, ok=True)
+    except (GeneratorExit, asyncio.CancelledError):
+        # the client left mid-stream: it was served what it was sent (the worker aborts the rest)
+        d.finish(_sum_usage(usage), ok=None)
+        raise
     except httpx.HTTPError as e:
         state.stream_errors += 1
         logger.warning("router: stream from %s broke: %s", d.worker.url, e)
