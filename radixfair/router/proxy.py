@@ -61,6 +61,15 @@ def usage_of(path: str, body: Any, prompt_len: int) -> Usage | None:
     return Usage(prompt or prompt_len, min(cached, prompt or prompt_len), completion)
 
 
+def worker_ttft(path: str, body: Any) -> float | None:
+    """A whole native answer's time to first token at the worker (`meta_info.ttft`); the router adds
+    the time the request spent before it was sent. OpenAI's answers do not say."""
+    item = body[0] if path == "/generate" and isinstance(body, list) and body else body
+    meta = item.get("meta_info") if path == "/generate" and isinstance(item, dict) else None
+    ttft = meta.get("ttft") if isinstance(meta, dict) else None
+    return float(ttft) if isinstance(ttft, (int, float)) and not isinstance(ttft, bool) and ttft >= 0 else None
+
+
 async def _watch(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled (the connection to the worker closed, so the worker aborts) if the client
     disconnects first: a non-streaming handler is not told its client left."""
@@ -157,6 +166,7 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                     await r.aread()
                     await r.aclose()
                 else:
+                    sent = time.monotonic()
                     r = await _watch(request, state.client.post(url + path, content=raw, headers=headers))
             except ClientGone:
                 routed.ran = True  # cut off while it ran: the trace keeps the load that arrived
@@ -179,10 +189,13 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
             if r.status_code == 200:
                 routed.ran = True
                 try:
-                    usage = usage_of(path, r.json(), len(route.input_ids))
+                    answer = r.json()
                 except ValueError:
-                    usage = None
+                    answer = None
+                usage = usage_of(path, answer, len(route.input_ids))
                 routed.usage = usage
+                if (ttft := worker_ttft(path, answer)) is not None:
+                    routed.first_token = sent + ttft
             _done(state, d, key, usage, ok=True)
             return _passthrough(r)
         if last is not None:

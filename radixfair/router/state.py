@@ -47,7 +47,8 @@ class RoutedRequest:
 
     route: RouteRequest
     arrival: float  # time.monotonic()
-    first_token: float | None = None  # a stream's first event relayed (a whole answer has none)
+    # a stream's first event relayed; a whole native answer's first token at the worker (`proxy.worker_ttft`)
+    first_token: float | None = None
     usage: Usage | None = None  # as the worker reported it, once the answer was complete
     ran: bool = False  # a worker took it: it answered, or its client left while it ran
 
