@@ -15,6 +15,8 @@ from radixfair.sched.policies import DEFAULT_POLICY, POLICIES, PolicyConfig
 from radixfair.sched.scheduler import SchedulerConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# weight formats (radixfair.engine.quant: the kernels, and what auto picks)
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 # structured outputs: the grammar libraries (README, "Structured outputs", says why llguidance is the default)
 GRAMMAR_BACKENDS = ("llguidance", "xgrammar", "outlines", "none")
 DEFAULT_GRAMMAR_BACKEND = "llguidance"
@@ -63,6 +65,15 @@ class EngineArgs:
     dtype: str = flag("auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs with native "
                               "bf16, float32 on other CPUs", choices=DTYPES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
+    quantization: str = flag("auto", "weights kept quantized: int8 (per channel) or int4 (groups of 32) weight-only "
+                                     "matmuls, with a dense copy for batches where that is faster; auto: int4 "
+                                     "for a Q4_* GGUF, int8 for Q8_0, none for safetensors", choices=QUANTIZATIONS)
+    enable_torch_compile: bool = flag(False, "compile the decode step's layers with torch.compile (slow first "
+                                             "steps per batch size; off by default: see README, Engine speed)")
+    enable_mixed_chunk: bool = flag(False, "decode steps of running requests ride along with a prefill chunk "
+                                           "(one mixed pass) instead of waiting for it")
+    cuda_graph_max_bs: int = flag(32, "largest decode batch replayed from a captured CUDA graph")
+    disable_cuda_graph: bool = flag(False, "run CUDA decode steps eagerly")
     max_total_tokens: int | None = flag(None, "KV pool size in tokens", none_means="from --mem-fraction-static")
     mem_fraction_static: float | None = flag(None, "memory share for the KV pool when --max-total-tokens is not given",
                                              none_means="0.85 on CUDA, 0.15 of RAM on CPU")
@@ -109,10 +120,15 @@ class EngineArgs:
                                           "from a model repository")
     # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
     debug_invariants: bool = False
+    # not a flag (tests and benchmarks set it): rows from which quantized layers use their dense
+    # copy; None: measured per layer shape at load
+    quant_dense_min_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("--served-model-name is empty")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.tp_size != 1:
             raise ValueError(f"--tp-size {self.tp_size}: tensor parallelism is not supported; {TP_HINT}")
 
@@ -137,4 +153,5 @@ class EngineArgs:
         return SchedulerConfig(max_total_tokens=max_total_tokens, max_running_requests=self.max_running_requests,
                                max_prefill_tokens=self.max_prefill_tokens,
                                chunked_prefill_size=self.chunked_prefill_size, max_context_len=max_context_len,
-                               disable_radix_cache=self.disable_radix_cache)
+                               disable_radix_cache=self.disable_radix_cache,
+                               enable_mixed_chunk=self.enable_mixed_chunk)

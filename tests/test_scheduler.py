@@ -84,13 +84,13 @@ class FakeExecutor:
             hashes = prefix_hashes(fill)
             start, n = int(batch.prefix_lens[i]), int(batch.extend_lens[i])
             row = self.table.setdefault(int(batch.rows[i]), {})
-            if batch.mode is BatchMode.PREFILL:
+            if i < batch.prefill_count:
                 assert len(batch.row_slots[i]) >= start + n
                 slots = [int(x) for x in batch.row_slots[i][: start + n]]
                 row.update(enumerate(slots))
             else:
                 assert n == 1 and start == len(fill) - 1, "decode feeds the last token"
-                row[start] = int(batch.out_slots[i])
+                row[start] = int(batch.out_slots[flat])
                 slots = [row.get(p, -1) for p in range(start + 1)]
                 stale = [p for p in range(start + 1) if slots[p] != int(r.slots[p])]
                 assert not stale, f"{r.rid}: the executor's req_to_token row is stale at positions {stale}"
@@ -172,14 +172,16 @@ def drive(
             continue
         rids = [r.rid for r in batch.reqs]
         assert len(set(rids)) == len(rids), "a request twice in one batch"
-        if batch.mode is BatchMode.PREFILL:
-            for r in batch.reqs:
-                assert id(r) not in running_before, f"{r.rid} prefilled while running"
-                if id(r) in waiting_before:
-                    trace.starts[r.rid] += 1
-                    assert r not in s.waiting
-        else:
-            in_batch = {id(r) for r in batch.reqs}
+        n_prefill = batch.prefill_count
+        for r in batch.reqs[:n_prefill]:
+            assert id(r) not in running_before, f"{r.rid} prefilled while running"
+            if id(r) in waiting_before:
+                trace.starts[r.rid] += 1
+                assert r not in s.waiting
+        if batch.mode is BatchMode.MIXED:
+            assert s.config.enable_mixed_chunk and 0 < n_prefill < len(batch.reqs)
+        if batch.mode is not BatchMode.PREFILL:
+            in_batch = {id(r) for r in batch.reqs[n_prefill:]}
             assert in_batch <= running_before
             assert in_batch == {id(r) for r in s.running}, "a decode step runs every running request"
             for r in trace.reqs.values():  # left out: retracted to the queue, or dropped
@@ -305,6 +307,25 @@ def test_chunked_prefill_respects_the_chunk_size_with_other_requests_running() -
     for mode, rids, ext, _ in trace.batches:
         if mode is BatchMode.PREFILL:
             assert max(ext) <= 16, (rids, ext)
+
+
+def test_mixed_chunks_decode_the_running_requests_beside_a_long_prompt() -> None:
+    rng = np.random.default_rng(6)
+    arrivals = {0: [req(tokens(rng, 10), 30), req(tokens(rng, 12), 30)], 3: [req(tokens(rng, 150), 4)]}
+    plain = drive(make_scheduler(max_total_tokens=4096, chunked_prefill_size=16), arrivals)
+    rng = np.random.default_rng(6)
+    arrivals = {0: [req(tokens(rng, 10), 30), req(tokens(rng, 12), 30)], 3: [req(tokens(rng, 150), 4)]}
+    s = make_scheduler(max_total_tokens=4096, chunked_prefill_size=16, enable_mixed_chunk=True)
+    trace = drive(s, arrivals)
+    check_complete(trace)
+    long_rid = next(rid for rid, r in trace.reqs.items() if len(r.origin_input_ids) == 150)
+    long_chunks = [b for b in trace.batches if long_rid in b[1] and b[0] is not BatchMode.DECODE]
+    # every chunk of the long prompt carried the two streams' decode steps: no step waited for it
+    assert len(long_chunks) == -(-150 // 16)
+    for mode, rids, ext, _ in long_chunks:
+        assert mode is BatchMode.MIXED and rids[0] == long_rid and ext[0] <= 16
+        assert ext[1:] == [1, 1] and set(rids[1:]) == set(trace.reqs) - {long_rid}
+    assert len(trace.batches) < len(plain.batches)
 
 
 def test_chunked_prefill_size_bounds_the_whole_prefill_batch() -> None:
@@ -524,7 +545,7 @@ Spec = tuple[int, int, int, int, int, bool, int]
 
 
 def run_random_workload(
-    specs: list[Spec], pool: int, chunk: int, max_running: int, disable: bool, seed: int
+    specs: list[Spec], pool: int, chunk: int, max_running: int, disable: bool, seed: int, mixed: bool = False
 ) -> tuple[Scheduler, Trace, set[str]]:
     rng = np.random.default_rng(seed)
     prefixes = [tokens(rng, 60) for _ in range(3)]
@@ -534,6 +555,7 @@ def run_random_workload(
         max_running_requests=max_running,
         max_prefill_tokens=128,
         disable_radix_cache=disable,
+        enable_mixed_chunk=mixed,
     )
     arrivals: dict[int, list[Req]] = {}
     aborts: dict[int, list[str]] = {}
@@ -581,5 +603,15 @@ def test_random_workloads_conserve_slots_and_complete_everything(
     """Conservation and the executor's view at every step, the idle invariant, exactly-once finishing,
     no request dropped by the scheduler, and exact outputs."""
     _, trace, aborted = run_random_workload(specs, pool, chunk, max_running, disable, seed)
+    check_complete(trace, aborted)
+    check_client_aborts(trace, aborted)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunk=st.sampled_from([0, 8, 64]), **WORKLOAD)
+def test_random_workloads_with_mixed_chunks_conserve_slots_and_complete_everything(
+    specs: list[Spec], pool: int, chunk: int, max_running: int, disable: bool, seed: int
+) -> None:
+    _, trace, aborted = run_random_workload(specs, pool, chunk, max_running, disable, seed, mixed=True)
     check_complete(trace, aborted)
     check_client_aborts(trace, aborted)

@@ -327,12 +327,14 @@ def test_calibrate_on_a_tiny_model_and_sim_vs_real(tiny_llama: Path, tmp_path: P
     write_jsonl(tmp_path / "t.jsonl", trace)
     out, full = tmp_path / "p.json", tmp_path / "fit.json"
     assert main(["bench", "calibrate", "--model", str(tiny_llama), "--device", "cpu", "--out", str(out),
-                 "--json", str(full), "--trace", str(tmp_path / "t.jsonl"), "--rounds", "2"]) == 0
+                 "--json", str(full), "--trace", str(tmp_path / "t.jsonl"), "--rounds", "2",
+                 "--enable-mixed-chunk"]) == 0
     cm = load_profile(str(out))  # a profile the simulator takes as it is
     assert cm.name.endswith("-calibrated") and "engine iterations" in cm.source and "R^2" in cm.source
     fit = json.loads(full.read_text())
     assert fit["fit"]["n_test"] > 10 and len(fit["samples"]) == fit["fit"]["n_train"] + fit["fit"]["n_test"]
-    assert {s["mode"] for s in fit["samples"]} == {"prefill", "decode"}
+    assert {s["mode"] for s in fit["samples"]} == {"prefill", "decode", "mixed"}
+    assert "mixed" in cm.source and fit["fit"]["median_rel_error_mixed"] is not None
     check = fit["sim_vs_real"]
     assert check["rounds"] == 2 and len(fit["replay_passes"]) == 2
     for k in ("real_throughput", "sim_throughput", "real_mean_latency", "sim_mean_latency", "sim_passes"):

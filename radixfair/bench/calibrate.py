@@ -35,17 +35,19 @@ from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
 from radixfair.sim.cost_model import COEFFICIENTS, BatchFeatures, CostModel, batch_features
 
-ENGINE_FLAGS = ("model", "dtype", "device", "num_threads")
+ENGINE_FLAGS = ("model", "dtype", "device", "num_threads", "quantization", "enable_mixed_chunk")
+MODES = ("prefill", "decode", "mixed")
 
 FEATURES = ("const", *BatchFeatures._fields)
 WORKLOAD = ("single prompts of 16-512 tokens; prompts of 16-256 tokens over a cached 512-token prefix; 1-8 "
             "questions over one cached document in one prefill; groups of 1-16 requests at 32-1024 prompt "
-            "tokens decoding together")
+            "tokens decoding together; 8 short requests with a 3000-token prompt chunked beside their decoding "
+            "(mixed passes with --enable-mixed-chunk)")
 
 
 @dataclass(frozen=True)
 class PassSample:
-    mode: str  # "prefill" | "decode"
+    mode: str  # "prefill" | "decode" | "mixed"
     features: BatchFeatures
     seconds: float
 
@@ -58,6 +60,7 @@ class FitQuality:
     median_rel_error: float  # median |predicted - measured| / measured, held-out passes
     median_rel_error_prefill: float | None
     median_rel_error_decode: float | None
+    median_rel_error_mixed: float | None = None
 
 
 def design_matrix(samples: Sequence[PassSample]) -> np.ndarray:
@@ -103,7 +106,7 @@ def evaluate(coef: np.ndarray, samples: Sequence[PassSample]) -> tuple[float, fl
     rel = np.abs(pred - y) / np.maximum(y, 1e-12)
     modes = np.array([s.mode for s in samples])
     per: dict[str, float | None] = {
-        m: float(np.median(rel[modes == m])) if (modes == m).any() else None for m in ("prefill", "decode")
+        m: float(np.median(rel[modes == m])) if (modes == m).any() else None for m in MODES
     }
     return r2, float(np.median(rel)), per
 
@@ -126,15 +129,15 @@ def fit_profile(samples: Sequence[PassSample], name: str, describe: str, test_fr
     te = [samples[i] for i in test]
     coef_tr = fit_nonnegative(design_matrix(tr), np.array([s.seconds for s in tr]))
     r2, mre, per = evaluate(coef_tr, te)
-    quality = FitQuality(len(tr), len(te), r2, mre, per["prefill"], per["decode"])
+    quality = FitQuality(len(tr), len(te), r2, mre, per["prefill"], per["decode"], per["mixed"])
     coef = fit_nonnegative(design_matrix(samples), np.array([s.seconds for s in samples]))
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     source = (
         f"Measured by `radixfair bench calibrate` on {when}: non-negative least-squares fit of "
         f"t = a + b*prefill_tokens + f*prefill_seqs + g*attn_pairs + c*decode_reqs + e*kv_tokens_read to "
         f"{len(samples)} timed engine iterations (schedule + forward pass + outputs; "
-        f"{sum(s.mode == 'prefill' for s in samples)} prefill, {sum(s.mode == 'decode' for s in samples)} "
-        f"decode) of {describe}. Workload: {WORKLOAD}. Held-out check (fit on a random "
+        f"{', '.join(f'{sum(s.mode == m for s in samples)} {m}' for m in MODES)}; a mixed pass is charged "
+        f"its prefill and its decode terms, one `a`) of {describe}. Workload: {WORKLOAD}. Held-out check (fit on a random "
         f"{1 - test_fraction:.0%}, tested on the other {len(te)} passes): R^2 {r2:.3f}, median relative error "
         f"{mre:.1%}{_mode_errors(per)}. Coefficients refitted on all passes. Valid for this machine, model and "
         f"dtype only."
@@ -157,8 +160,7 @@ def record_passes(engine: Any) -> Iterator[list[PassSample]]:
     samples: list[PassSample] = []
 
     def observe(batch: Any, seconds: float) -> None:
-        f = batch_features(batch)
-        samples.append(PassSample("decode" if f.decode_reqs else "prefill", f, seconds))
+        samples.append(PassSample(batch.mode.value, batch_features(batch), seconds))
 
     engine.pass_observers.append(observe)
     try:
@@ -194,6 +196,9 @@ def synthetic_workload(engine: Any, seed: int = 0, part: int | None = None) -> N
         halves[j % 2].append(([n] * b, 0, 12))
     halves[0].append(([1024] * 4, 0, 12))
     halves[1].append(([512] * 8, 0, 12))
+    long = min(3000, int(engine.context_len) - 32)
+    for h in (0, 1):  # a long prompt chunked while short ones decode: mixed passes when enabled
+        halves[h].append(([32] * 8 + [long], 0, 24))
     for h in (0, 1) if part is None else (part,):
         for lens, prefix, new in halves[h]:
             shared = ids(prefix)
@@ -207,7 +212,9 @@ def describe_engine(engine: Any) -> str:
     where = (f"CUDA {_cuda_name(dev)}" if dev.type == "cuda"
              else f"CPU ({_torch_threads()} torch threads, {os.cpu_count()} cores)")
     dtype = str(engine.dtype).removeprefix("torch.")
-    return f"{Path(str(engine.model_path)).name}, {dtype}, on {where}"
+    mixed = ", mixed chunks" if engine.args.enable_mixed_chunk else ""
+    return (f"{Path(str(engine.model_path)).name}, {dtype}, {engine.quantization.mode} weights{mixed}, "
+            f"on {where}")
 
 
 def _cuda_name(dev: Any) -> str:
@@ -344,7 +351,8 @@ def main(ns: argparse.Namespace) -> int:
     rows = [[f, f"{getattr(model, f):.4g}"] for f in COEFFICIENTS]
     rows += [["passes (train / held out)", f"{q.n_train} / {q.n_test}"], ["held-out R^2", f"{q.r2:.3f}"],
              ["held-out median rel. error", f"{q.median_rel_error:.1%}"],
-             ["  prefill / decode", f"{_pct(q.median_rel_error_prefill)} / {_pct(q.median_rel_error_decode)}"]]
+             ["  prefill / decode / mixed", f"{_pct(q.median_rel_error_prefill)} / "
+              f"{_pct(q.median_rel_error_decode)} / {_pct(q.median_rel_error_mixed)}"]]
     print_table(["term", "value"], rows, title=f"bench calibrate: {model.name}, {wall:.1f} s wall")
     with open(ns.out, "w") as f:
         json.dump(model.to_dict(), f, indent=2)

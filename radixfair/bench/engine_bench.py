@@ -1,8 +1,11 @@
 """`radixfair bench engine`: radixfair's continuous batching against transformers' `generate()`.
 
-Both run the same weights in the same dtype in this process. transformers gets what a user
-without a serving engine does: static batches of `--max-batch` requests, left-padded, each batch
+Both run the same weights in this process: radixfair in its `--quantization` mode (auto by
+default), transformers in the engine's dtype on the dequantized weights. transformers gets what a
+user without a serving engine does: static batches of `--max-batch` requests, left-padded, each batch
 running until its longest request is done. Throughput counts the tokens each request asked for.
+Prefill is measured apart (the same prompts, one token each; transformers: one forward per static
+batch), and batch-1 decode in every weight format, with the weight bytes each actually reads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
 
 # engine settings this benchmark lets the user set; `--max-batch` is its running-request limit
-ENGINE_FLAGS = ("model", "dtype", "max_total_tokens", "max_prefill_tokens", "chunked_prefill_size", "num_threads")
+ENGINE_FLAGS = ("model", "dtype", "quantization", "max_total_tokens", "max_prefill_tokens", "chunked_prefill_size",
+                "num_threads", "enable_mixed_chunk", "enable_torch_compile")
+QUANT_MODES = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,55 @@ def run_hf(model: Any, wl: Workload, max_batch: int, device: torch.device, progr
     return time.perf_counter() - t
 
 
+def run_radixfair_prefill(engine: Any, wl: Workload) -> float:
+    """Seconds to prefill every prompt of `wl` (no cached prefix) and sample one token each."""
+    engine.flush_cache()
+    params = [{"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True} for _ in wl.prompts]
+    t = time.perf_counter()
+    engine.generate(input_ids=wl.prompts, sampling_params=params)
+    return time.perf_counter() - t
+
+
+def run_hf_prefill(model: Any, wl: Workload, max_batch: int, device: torch.device) -> float:
+    """Seconds for one left-padded forward over each static batch of `max_batch` prompts."""
+    t = time.perf_counter()
+    for i in range(0, len(wl.prompts), max_batch):
+        prompts = wl.prompts[i : i + max_batch]
+        longest = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, longest - len(p) :] = torch.tensor(p)
+            mask[j, longest - len(p) :] = 1
+        with torch.inference_mode():
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                  logits_to_keep=1)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def b1_decode_by_quant(ns: argparse.Namespace, main_engine: Any, prompt: list[int]) -> dict[str, float]:
+    """Batch-1 seconds per decode step in each weight format (an engine per format; the benchmark's own
+    engine measures its mode)."""
+    from radixfair.engine.engine import Engine
+
+    out: dict[str, float] = {}
+    for mode in QUANT_MODES:
+        if mode == main_engine.quantization.mode:
+            out[mode] = radixfair_b1_decode(main_engine, prompt, ns.b1_tokens)
+            continue
+        flags = flag_values(EngineArgs, ns, only=ENGINE_FLAGS)
+        flags.update(quantization=mode, max_total_tokens=4096)
+        engine = Engine(max_running_requests=4, **flags)
+        try:
+            radixfair_b1_decode(engine, prompt[:16], 4)  # warm-up
+            out[mode] = radixfair_b1_decode(engine, prompt, ns.b1_tokens)
+            out[mode + "_bytes"] = engine.runner.model.weight_bytes_per_decode_step(1)
+        finally:
+            engine.shutdown()
+    return out
+
+
 def radixfair_b1_decode(engine: Any, prompt: list[int], n: int) -> float:
     """Seconds per decode step for one request alone (time after the first token / steps)."""
     times: list[float] = []
@@ -175,18 +229,29 @@ def main(ns: argparse.Namespace) -> int:
         engine.flush_cache()
         t_rf = run_radixfair(engine, wl)
         print(f"radixfair: {t_rf:.1f} s")
+        t_rf_prefill = run_radixfair_prefill(engine, wl)
+        print(f"radixfair prefill: {t_rf_prefill:.1f} s")
         b1_prompt = wl.prompts[0][:128]
         rf_b1 = radixfair_b1_decode(engine, b1_prompt, ns.b1_tokens)
+        weight_bytes = engine.runner.model.weight_bytes_per_decode_step()
+        mode = engine.quantization.mode
 
         hf = hf_model_from_engine(engine)
         hf_b1 = hf_b1_decode(hf, b1_prompt, ns.b1_tokens, device)
+        t_hf_prefill = run_hf_prefill(hf, wl, ns.max_batch, device)
+        print(f"transformers prefill: {t_hf_prefill:.1f} s")
         with tqdm(total=ns.num_requests, desc="transformers generate", unit="req") as bar:
             t_hf = run_hf(hf, wl, ns.max_batch, device, bar.update)
         print(f"transformers: {t_hf:.1f} s")
+        del hf
 
-        weight_bytes = engine.runner.model.weight_bytes_per_decode_step()
         copy_bw = copy_bandwidth(device)
         decode_bw = weight_bytes / rf_b1
+        by_quant = {mode: rf_b1, f"{mode}_bytes": weight_bytes}
+        if not ns.skip_quant_sweep:
+            swept = b1_decode_by_quant(ns, engine, b1_prompt)
+            by_quant.update({k: v for k, v in swept.items() if k != mode})
+        prompt_tokens = sum(map(len, wl.prompts))
         row = {
             "radixfair_tok_s": total_out / t_rf,
             "hf_tok_s": total_out / t_hf,
@@ -204,6 +269,14 @@ def main(ns: argparse.Namespace) -> int:
             "dtype": str(engine.dtype).replace("torch.", ""),
             "device": str(device),
             "weight_bytes": weight_bytes,
+            "quantization": mode,
+            "prefill_tok_s": prompt_tokens / t_rf_prefill,
+            "hf_prefill_tok_s": prompt_tokens / t_hf_prefill,
+            "decode_ms_per_token_b1_by_quant": {m: by_quant[m] * 1000 for m in QUANT_MODES if m in by_quant},
+            # weight bytes each format's batch-1 step reads (codes and scales; dense where it uses dense)
+            "bandwidth_fraction_by_quant": {m: by_quant[f"{m}_bytes"] / by_quant[m] / copy_bw
+                                            for m in QUANT_MODES if m in by_quant},
+            "weight_bytes_by_quant": {m: int(by_quant[f"{m}_bytes"]) for m in QUANT_MODES if m in by_quant},
         }
     finally:
         engine.shutdown()
@@ -216,6 +289,11 @@ def main(ns: argparse.Namespace) -> int:
              f"{row['hf_decode_ms_per_token_b1'] / row['decode_ms_per_token_b1']:.2f}x"],
             ["weight GB/s at batch 1 (vs copy)", f"{row['decode_bandwidth_gb_s']:.1f}",
              f"copy {row['copy_bandwidth_gb_s']:.1f}", f"{row['bandwidth_fraction']:.0%} of copy"],
+            ["prefill tok/s", f"{row['prefill_tok_s']:.0f}", f"{row['hf_prefill_tok_s']:.0f}",
+             f"{row['prefill_tok_s'] / row['hf_prefill_tok_s']:.2f}x"],
+            *[[f"decode ms/token b1, {m}", f"{ms:.1f}", "",
+               f"{row['bandwidth_fraction_by_quant'][m]:.0%} of copy"]
+              for m, ms in row["decode_ms_per_token_b1_by_quant"].items()],
         ],
     )
     write_json(ns.json, row)
@@ -229,5 +307,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--b1-tokens", type=int, default=64, help="decode steps for the batch-1 latency figure")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--skip-quant-sweep", action="store_true",
+                   help="measure batch-1 decode in the engine's own weight format only")
     add_flags(p.add_argument_group("engine"), EngineArgs, only=ENGINE_FLAGS, defaults={"max_total_tokens": 65536})
     p.set_defaults(func=main)

@@ -22,7 +22,7 @@ import torch
 from radixfair.engine.constrained.base import Grammar
 from radixfair.engine.constrained.grammar_manager import GrammarManager, make_backend
 from radixfair.engine.cpu_malloc import tune_malloc_for_cpu_inference
-from radixfair.engine.loaders import load_state_dict
+from radixfair.engine.loaders import load_state_dict, weight_types
 from radixfair.engine.model_runner import (
     ModelRunner,
     RunnerConfig,
@@ -31,6 +31,7 @@ from radixfair.engine.model_runner import (
     select_dtype,
 )
 from radixfair.engine.model_source import find_model, model_names, open_tokenizer
+from radixfair.engine.quant import NEVER, resolve_quantization
 from radixfair.engine_args import EngineArgs
 from radixfair.io_struct import (
     EngineOutput,
@@ -126,6 +127,7 @@ class Engine:
         if self.device.type == "cpu":
             tune_malloc_for_cpu_inference()
         self.dtype = select_dtype(args.dtype, self.device, files.config)
+        self.quantization = resolve_quantization(args.quantization, files.format, weight_types(files))
         state = load_state_dict(files, self.dtype)
         weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
         self.context_len = min(args.context_length or files.config.max_position_embeddings,
@@ -139,11 +141,17 @@ class Engine:
         self.runner = ModelRunner(
             files.config,
             state,
-            RunnerConfig(max_total, args.max_running_requests, self.context_len),
+            RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
+                         args.quant_dense_min_rows, args.enable_torch_compile,
+                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs),
             self.dtype,
             self.device,
         )
         del state
+        logger.info("loaded %s on %s: %s, quantization %s (%s), %.0f MB of weights read per batch-1 decode step%s",
+                    self.model_names.source, self.device, str(self.dtype).replace("torch.", ""),
+                    self.quantization.mode, self.quantization.reason,
+                    self.runner.model.weight_bytes_per_decode_step() / 1e6, self._dense_note())
         if self.grammar.backend is not None:
             self.runner.token_masks = self.grammar.masks
         self.scheduler_config = args.scheduler_config(max_total, self.context_len)
@@ -168,6 +176,14 @@ class Engine:
         self.pass_observers: list[Callable[[ScheduledBatch, float], None]] = []
         self._thread = threading.Thread(target=self._loop, name="radixfair-scheduler", daemon=True)
         self._thread.start()
+
+    def _dense_note(self) -> str:
+        dense = self.runner.dense_copy_bytes()
+        if not dense:
+            return ""
+        rows = [r for r in self.runner.dense_switch_rows() if r < NEVER]
+        return (f"; dense copies for passes of >= {min(rows)} tokens take {dense / 1e6:.0f} MB more"
+                if rows else "")
 
     # ---- the contract: EngineRequest -> TokenizedRequest -> EngineOutput ------------------------
     def tokenize(self, req: EngineRequest) -> TokenizedRequest:

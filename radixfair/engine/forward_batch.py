@@ -11,6 +11,7 @@ import torch
 class ForwardMode(enum.Enum):
     PREFILL = "prefill"  # extend: new tokens attend to a cached prefix plus themselves (causal)
     DECODE = "decode"  # one new token per request
+    MIXED = "mixed"  # prefill sequences first (`seqs`), then decode rows (`decode_groups`) from `decode_start`
 
 
 @dataclass
@@ -46,7 +47,9 @@ class ForwardBatch:
     positions: torch.Tensor  # [T]
     out_slots: torch.Tensor  # [T] KV slots the new tokens are written to
     logits_index: torch.Tensor  # [N] flat positions whose hidden states go through the LM head
-    # decode only: the batch split into groups of similar sequence length (less padding)
+    # decode and mixed: the (decode part of the) batch split into groups of similar sequence length (less padding)
     decode_groups: list[DecodeGroup] | None = None
-    # prefill only
+    # prefill and mixed
     seqs: list[PrefillSeq] | None = None
+    # mixed only: the first decode token in the flat token dimension
+    decode_start: int = 0

@@ -24,11 +24,13 @@ class KVPool:
     ) -> None:
         self.size = size
         self.num_layers = num_layers
+        # one slot past `size`, never handed out: what padding rows of a captured CUDA graph write and read
+        self.scratch_slot = size
         self.k: list[torch.Tensor] = [
-            torch.zeros(num_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.zeros(num_kv_heads, size + 1, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
         self.v: list[torch.Tensor] = [
-            torch.zeros(num_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
+            torch.zeros(num_kv_heads, size + 1, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
     @staticmethod

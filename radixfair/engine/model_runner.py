@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,11 +12,13 @@ import numpy as np
 import torch
 
 from radixfair.engine.constrained.mask import TokenMask
+from radixfair.engine.cuda_graph import CudaGraphRunner
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
+from radixfair.engine.quant import NEVER, QuantLinear, tune_dense_switch
 from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.request import Req
@@ -55,10 +58,15 @@ def select_dtype(dtype: str, device: torch.device, config: ModelConfig) -> torch
 
 
 def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX. (oneDNN's own check also says yes for plain AVX512, where bf16 matmuls are
+    emulated and run ~4x slower than float32 ones: measured on an AVX512 Xeon without AVX512-BF16.)"""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,11 @@ class RunnerConfig:
     max_total_tokens: int
     max_running_requests: int
     max_context_len: int
+    quantization: str = "none"  # none | int8 | int4 (resolved: see quant.resolve_quantization)
+    # rows from which quantized layers use their dense copy; None: measured per layer shape
+    quant_dense_min_rows: int | None = None
+    torch_compile: bool = False  # --enable-torch-compile
+    cuda_graph_max_bs: int = 0  # decode batches up to this replay captured CUDA graphs; 0: never
 
 
 def auto_max_total_tokens(
@@ -108,6 +121,23 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         model.eval()
         self.model = model
+        self.quant_layers: list[QuantLinear] = []
+        if runner_config.quantization != "none":
+            self.quant_layers = model.quantize(runner_config.quantization)
+            if runner_config.quant_dense_min_rows is None:
+                t = time.perf_counter()
+                switches = tune_dense_switch(self.quant_layers)
+                logger.info("quantized layers use their dense copy from these pass sizes (tokens), measured in "
+                            "%.1f s: %s", time.perf_counter() - t,
+                            ", ".join(f"{n}x{k} {kind}: {'never' if r >= NEVER else r}"
+                                      for (n, k, kind), r in switches.items()))
+            else:
+                for q in self.quant_layers:
+                    q.dense_min_rows = runner_config.quant_dense_min_rows
+                    if q.dense_min_rows >= NEVER:
+                        q.drop_dense()
+        if runner_config.torch_compile:
+            model.compile_layers()
         self.kv = KVPool(
             runner_config.max_total_tokens,
             model_config.num_hidden_layers,
@@ -119,9 +149,22 @@ class ModelRunner:
         self.req_to_token = ReqToTokenTable(
             runner_config.max_running_requests + 1, runner_config.max_context_len, device
         )
+        self.graphs: CudaGraphRunner | None = None
+        if runner_config.cuda_graph_max_bs > 0 and device.type == "cuda":
+            self.graphs = CudaGraphRunner(self.model, self.kv,
+                                          min(runner_config.cuda_graph_max_bs, runner_config.max_running_requests),
+                                          runner_config.max_context_len)
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
+
+    def dense_copy_bytes(self) -> int:
+        """Memory the quantized layers' dense copies (for large batches) take."""
+        return sum(q.dense.numel() * q.dense.element_size() for q in self.quant_layers if q.dense is not None)
+
+    def dense_switch_rows(self) -> list[int]:
+        """Distinct row counts from which quantized layers use their dense copy (NEVER: they do not)."""
+        return sorted({q.dense_min_rows for q in self.quant_layers})
 
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""
@@ -132,7 +175,9 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> BatchOutput:
         fb = self._prepare(batch)
-        logits = self.model(fb, self.kv)
+        logits = self.graphs.run(fb) if self.graphs is not None else None
+        if logits is None:
+            logits = self.model(fb, self.kv)
         # after the launch: on an asynchronous device the masks are computed while the model runs
         masks = self.token_masks
         mask = masks([r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]) if masks else None
@@ -140,6 +185,8 @@ class ModelRunner:
 
     # ---- batch preparation ---------------------------------------------------------------------
     def _prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        if batch.mode is BatchMode.MIXED:
+            return self._prepare_mixed(batch)
         table = self.req_to_token.table
         for row, slots in batch.row_updates:
             table[row, : len(slots)] = self._tensor(slots)
@@ -190,6 +237,23 @@ class ModelRunner:
             out_slots=out_slots,
             logits_index=self._tensor(index),
             seqs=seqs,
+        )
+
+    def _prepare_mixed(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Prefill tokens first, decode rows after: each part prepared as its own batch would be."""
+        prefill, decode = batch.split_mixed()
+        p = self._prepare(prefill)
+        d = self._prepare(decode)
+        start = len(prefill.input_ids)
+        return ForwardBatch(
+            mode=ForwardMode.MIXED,
+            input_ids=torch.cat((p.input_ids, d.input_ids)),
+            positions=torch.cat((p.positions, d.positions)),
+            out_slots=torch.cat((p.out_slots, d.out_slots)),
+            logits_index=torch.cat((p.logits_index, d.logits_index + start)),
+            decode_groups=d.decode_groups,
+            seqs=p.seqs,
+            decode_start=start,
         )
 
     def _offset_causal_mask(self, prefix: int, q_len: int) -> torch.Tensor:

@@ -8,20 +8,19 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import httpx
 from fastapi import Request
 from fastapi.responses import Response
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from radixfair.router.policies import ClientLimitError, NoHealthyWorkerError, RouteRequest, Usage
 from radixfair.router.request_queue import overloaded
 from radixfair.router.retry import retryable
 from radixfair.router.state import Dispatch, RoutedRequest, RouterState, decrement
 from radixfair.server.errors import APIError, error_body
+from radixfair.server.held_stream import HeldStream
 from radixfair.server.streaming import SSE_DONE, sse
 
 logger = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                                 finally:
                                     state.left(routed)
 
-                        return _HeldStream(_relay(state, d, r, path, routed), close)
+                        return HeldStream(_relay(state, d, r, path, routed), close)
                     await r.aread()
                     await r.aclose()
                 else:
@@ -281,23 +280,3 @@ def _sum_usage(usage: dict[int, Usage]) -> Usage | None:
     if not usage:
         return None
     return Usage(*(sum(x) for x in zip(*usage.values(), strict=True)))
-
-
-class _HeldStream(StreamingResponse):
-    """An SSE response that runs `on_close` once it has been sent or abandoned, and closes its
-    source then (so that a client that left closes the worker's stream, which aborts there)."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            finally:
-                await self._on_close()

@@ -2,7 +2,8 @@
 
 Each `schedule()` returns one batch: a prefill batch when waiting requests can be admitted
 (prefill first, as SGLang does, so new requests get their first token quickly), otherwise a
-decode step over every running request. `process_output()` applies what the executor computed.
+decode step over every running request; with `enable_mixed_chunk` a prefill batch also carries the
+running requests' decode step (a mixed batch). `process_output()` applies what the executor computed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class SchedulerConfig:
     chunked_prefill_size: int = 2048  # <= 0: no chunking
     max_context_len: int = 8192
     disable_radix_cache: bool = False
+    # running requests decode in the same pass as a prefill chunk (BatchMode.MIXED) instead of waiting
+    enable_mixed_chunk: bool = False
     # Share of each running request's remaining max_new_tokens that admission keeps free
     # (SGLang's new_token_ratio): high after a retraction, decaying while decoding goes well.
     init_new_token_ratio: float = 0.7
@@ -181,6 +184,8 @@ class Scheduler:
         self._drop_aborted()
         batch = self._schedule_prefill()
         if batch is not None:
+            if self.config.enable_mixed_chunk and self.running:
+                return self._mix_in_decode(batch)
             return batch
         if self.running:
             return self._schedule_decode()
@@ -405,6 +410,17 @@ class Scheduler:
         targets = np.arange(first_t, last_t + 1, dtype=np.int64)
         return targets - 1 - start, np.asarray(prompt[first_t : last_t + 1], dtype=np.int64)
 
+    def _mix_in_decode(self, prefill: ScheduledBatch) -> ScheduledBatch:
+        """`prefill` with a decode step of every running request in the same pass (SGLang's mixed
+        chunked prefill), so a long prompt's chunks do not stall the streams. Falls back to the plain
+        prefill when the decode step would need a retraction or carries grammar-forced tokens: the
+        next pass is then a decode step that handles those."""
+        reqs = list(self.running)
+        if any(r.pending_extend for r in reqs) or not self.kv.ensure_free(len(reqs)):
+            return prefill
+        decode = self._decode_batch(reqs)
+        return ScheduledBatch.mixed(prefill, decode)
+
     def _schedule_decode(self) -> ScheduledBatch | None:
         self._make_room(sum(1 + r.pending_extend for r in self.running))
         if not self.running:
@@ -412,6 +428,10 @@ class Scheduler:
         reqs = list(self.running)
         if any(r.pending_extend for r in reqs):
             return self._decode_with_forced_tokens(reqs)
+        return self._decode_batch(reqs)
+
+    def _decode_batch(self, reqs: list[Req]) -> ScheduledBatch:
+        """One token for each of `reqs` (free slots for them ensured)."""
         positions = np.asarray([r.kv_len for r in reqs], dtype=np.int64)
         ids = np.asarray([r.output_ids[-1] for r in reqs], dtype=np.int64)
         new = self.kv.extend_by_one(reqs)
@@ -506,8 +526,10 @@ class Scheduler:
     def process_output(self, batch: ScheduledBatch, out: BatchOutput) -> list[Req]:
         """Apply sampled tokens; returns the requests that finished in this step."""
         finished: list[Req] = []
+        n_prefill = batch.prefill_count
         for i, req in enumerate(batch.reqs):
-            if batch.mode is BatchMode.PREFILL:
+            prefilled = i < n_prefill
+            if prefilled:
                 self._record_prompt_logprobs(req, batch, out, i)
             if req.finished:  # aborted while the batch ran
                 self._leave(req)
@@ -549,7 +571,7 @@ class Scheduler:
                     self.policy.on_admit(req, forced, 0)
                     self._count_service(req, forced, 0)
                     req.charged_upto = len(req.origin_input_ids) + len(req.output_ids)
-            if batch.mode is BatchMode.PREFILL:
+            if prefilled:
                 if self.chunked_req is req:
                     self.chunked_req = None
                 if not req.finished:

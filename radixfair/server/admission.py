@@ -14,10 +14,8 @@ from collections import Counter
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
 from radixfair.server.errors import APIError
+from radixfair.server.held_stream import HeldStream
 
 RETRY_AFTER_S = 1
 
@@ -56,29 +54,10 @@ class Ticket:
         if not self._handed_over:
             self.release()
 
-    def stream(self, content: AsyncIterable[bytes]) -> StreamingResponse:
+    def stream(self, content: AsyncIterable[bytes]) -> HeldStream:
         """An SSE response that holds the requests until it has been sent or abandoned."""
         self._handed_over = True
-        return _HeldStream(content, self)
-
-
-class _HeldStream(StreamingResponse):
-    def __init__(self, content: AsyncIterable[bytes], ticket: Ticket) -> None:
-        super().__init__(content, media_type="text/event-stream")
-        self._ticket = ticket
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # a client that left while a chunk was being sent leaves the generator suspended at its
-            # yield; close it now (its `finally` aborts the engine requests), not whenever GC runs
-            try:
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            finally:
-                self._ticket.release()
+        return HeldStream(content, self.release)
 
 
 class Admission:

@@ -100,7 +100,11 @@ class CostModel:
 
 
 def batch_features(batch: ScheduledBatch) -> BatchFeatures:
-    """What the cost model charges for a pass."""
+    """What the cost model charges for a pass: a mixed pass is its prefill part and its decode part
+    in one pass (one fixed cost `a`, both parts' per-token and per-request terms)."""
+    if batch.mode is BatchMode.MIXED:
+        prefill, decode = (batch_features(part) for part in batch.split_mixed())
+        return BatchFeatures(*(x + y for x, y in zip(prefill, decode, strict=True)))
     if batch.mode is BatchMode.PREFILL:
         ext = batch.extend_lens
         # a causal kernel computes each query against the cached prefix and the earlier new tokens

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from radixfair.engine.loaders.errors import ModelLoadError
-from radixfair.engine.loaders.gguf import inspect_gguf, load_gguf, open_gguf
+from radixfair.engine.loaders.gguf import gguf_matrix_types, inspect_gguf, load_gguf, open_gguf
 from radixfair.engine.loaders.hf import inspect_hf, load_hf
 from radixfair.engine.loaders.hub import clean_model_name, locate_model
 from radixfair.engine.loaders.shapes import check_state_dict, expected_shapes
@@ -35,6 +35,7 @@ __all__ = [
     "inspect_model",
     "load_state_dict",
     "open_gguf",
+    "weight_types",
 ]
 
 DEFAULT_MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,3 +102,8 @@ def load_state_dict(files: ModelFiles, dtype: torch.dtype) -> dict[str, torch.Te
         state = load_hf(files.path, files.config, dtype)
     check_state_dict(state, files.config, files.path)
     return state
+
+
+def weight_types(files: ModelFiles) -> dict[str, int] | None:
+    """A GGUF's matrix storage types and how many matrices use each; None for safetensors folders."""
+    return gguf_matrix_types(files.path) if files.format == "gguf" else None

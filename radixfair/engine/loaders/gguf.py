@@ -269,6 +269,16 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_matrix_types(path: str) -> dict[str, int]:
+    """How many of the file's matrices (2-D tensors) are stored in each type (`Q4_1`, `Q8_0`, `F16`...)."""
+    reader = _open_gguf(path, path)
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        if len(tensor.shape) == 2:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
 def load_gguf(path: str, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights of the GGUF file `path` with HF names and the HF q/k layout, dequantized to `dtype`."""
     reader = _open_gguf(path, path)

@@ -15,6 +15,7 @@ from torch import nn
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.kv_pool import KVPool
 from radixfair.engine.model_config import ModelConfig, RopeScaling
+from radixfair.engine.quant import QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce in float32 as HF does, so bfloat16 runs match the reference
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # reduce in float32 as HF does, so bfloat16 runs match the reference; one fused op, not five
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -83,8 +82,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | QuantLinear = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                                           bias=cfg.attention_bias)
+        self.o_proj: nn.Linear | QuantLinear = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         # Qwen3: each q and k head is RMS-normalized over head_dim before rope
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -102,8 +102,11 @@ class Attention(nn.Module):
         kv.write(self.layer_id, batch.out_slots, k, v)
         if batch.mode is ForwardMode.DECODE:
             out = self._decode(q, batch, kv)
-        else:
+        elif batch.mode is ForwardMode.PREFILL:
             out = self._prefill(q, k, v, batch, kv)
+        else:
+            d = batch.decode_start
+            out = torch.cat((self._prefill(q[:d], k[:d], v[:d], batch, kv), self._decode(q[d:], batch, kv)))
         return self.o_proj(out)
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
@@ -178,8 +181,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | QuantLinear = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
+                                                               bias=False)
+        self.down_proj: nn.Linear | QuantLinear = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -199,6 +203,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _dense(m: nn.Module) -> nn.Linear:
+    """A projection that checkpoints load into: dense until `LlamaForCausalLM.quantize`."""
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"weights load into dense layers, before quantization, not into {type(m).__name__}")
+    return m
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -207,7 +218,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
-        self.lm_head: nn.Linear | None = (
+        # None: tied to the embedding (until `quantize` gives it its own quantized copy)
+        self.lm_head: nn.Linear | QuantLinear | None = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
 
@@ -220,8 +232,45 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, batch, kv, rope)
         x = x.index_select(0, batch.logits_index) if len(batch.logits_index) != x.shape[0] else x
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        if self.lm_head is None:
+            return F.linear(x, self.embed_tokens.weight).float()
+        return self.lm_head(x).float()
+
+    def compile_layers(self) -> None:
+        """`torch.compile` the per-layer pure tensor code (norms and MLP: fused elementwise ops, fewer
+        launches); attention stays eager (its Python reads the batch's grouping). Shapes are dynamic,
+        so a new batch size does not recompile."""
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.input_layernorm = torch.compile(layer.input_layernorm, dynamic=True)  # type: ignore[assignment]
+            layer.post_attention_layernorm = torch.compile(  # type: ignore[assignment]
+                layer.post_attention_layernorm, dynamic=True)
+            layer.mlp = torch.compile(layer.mlp, dynamic=True)  # type: ignore[assignment]
+
+    def quantize(self, kind: str, keep_dense: bool = True) -> list[QuantLinear]:
+        """Replace the projections by `kind` (int8 | int4) weight-only layers, and the LM head by an
+        int8 one (its errors go straight into the logits: a Q4 GGUF keeps it at Q8_0 too). Returns
+        the new layers; `keep_dense` keeps their dequantized weights for large batches."""
+
+        def swap(lin: nn.Linear, k: str) -> QuantLinear:
+            return QuantLinear(lin.weight.detach(), lin.bias, k, lin.weight.dtype, keep_dense)
+
+        out: list[QuantLinear] = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            assert isinstance(attn.qkv_proj, nn.Linear) and isinstance(attn.o_proj, nn.Linear)
+            assert isinstance(mlp.gate_up_proj, nn.Linear) and isinstance(mlp.down_proj, nn.Linear)
+            attn.qkv_proj = swap(attn.qkv_proj, kind)
+            attn.o_proj = swap(attn.o_proj, kind)
+            mlp.gate_up_proj = swap(mlp.gate_up_proj, kind)
+            mlp.down_proj = swap(mlp.down_proj, kind)
+            out += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        assert isinstance(w, torch.Tensor)
+        self.lm_head = QuantLinear(w.detach(), None, "int8", w.dtype, keep_dense)
+        out.append(self.lm_head)
+        return out
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Missing or extra tensors raise."""
@@ -238,7 +287,7 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
             self.norm.weight.copy_(take("model.norm.weight"))
             if self.lm_head is not None:
-                self.lm_head.weight.copy_(take("lm_head.weight"))
+                _dense(self.lm_head).weight.copy_(take("lm_head.weight"))
             elif "lm_head.weight" in sd:
                 used.add("lm_head.weight")  # tied checkpoints sometimes carry a copy
             for i, layer in enumerate(self.layers):
@@ -247,28 +296,30 @@ class LlamaForCausalLM(nn.Module):
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
                 attn = layer.self_attn
-                attn.qkv_proj.weight.copy_(
+                _dense(attn.qkv_proj).weight.copy_(
                     torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
                 )
                 if attn.qkv_proj.bias is not None:
-                    attn.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-                attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                    _dense(attn.qkv_proj).bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                _dense(attn.o_proj).weight.copy_(take(p + "self_attn.o_proj.weight"))
                 if attn.q_norm is not None and attn.k_norm is not None:
                     attn.q_norm.weight.copy_(take(p + "self_attn.q_norm.weight"))
                     attn.k_norm.weight.copy_(take(p + "self_attn.k_norm.weight"))
-                layer.mlp.gate_up_proj.weight.copy_(
+                _dense(layer.mlp.gate_up_proj).weight.copy_(
                     torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
                 )
-                layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                _dense(layer.mlp.down_proj).weight.copy_(take(p + "mlp.down_proj.weight"))
         extra = sorted(set(sd) - used)
         if extra:
             raise ValueError(f"checkpoint has tensors this {cfg.architecture} model does not use: {extra[:5]}")
 
-    def weight_bytes_per_decode_step(self) -> int:
-        """Bytes of weights one decode step reads (embedding rows are gathered, not read whole)."""
+    def weight_bytes_per_decode_step(self, rows: int = 1) -> int:
+        """Bytes of weights a pass of `rows` tokens reads: a quantized layer counts the form its
+        kernel reads at that size (codes and scales, or its dense copy); embedding rows are
+        gathered, not read whole."""
         total = 0
         for name, p in self.named_parameters():
             if name == "embed_tokens.weight" and self.lm_head is not None:
                 continue
             total += p.numel() * p.element_size()
-        return total
+        return total + sum(m.bytes_read(rows) for m in self.modules() if isinstance(m, QuantLinear))
