@@ -1,6 +1,8 @@
 """`RouterState`: everything the router knows, in one object: the workers (load, health, circuit
 breaker, service per client), the policy and its decisions, the queue, retries, and the requests in
-flight. Handlers, the health checker and `/metrics` read it; a dashboard can read `snapshot()`.
+flight, per client too (waiting, in flight, service over the fleet). Handlers, the health checker,
+`/metrics` and the fairness view (`router.fairness`: `/fairness`, `/dashboard`) read it; `snapshot()`
+is its JSON. Each request that leaves is told to the fairness view and to `--record-trace` (`left`).
 
 Load is counted by `Dispatch`: one per request sent to a worker, finished exactly once on every
 path (answer, error, timeout, disconnect, a worker that died), which hands the load back and tells
