@@ -246,7 +246,7 @@ def test_dashboard_shows_a_routers_workers(browser: Any) -> None:
             lambda d: len(d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
         rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
         assert "http://w0:30000" in rows[0].text and "heavy, light-a" in rows[0].text
-        assert rows[1].get_attribute("class") == "behind" and "no" in rows[1].text
+        assert rows[1].get_attribute("class") == "unhealthy" and "no" in rows[1].text
         # light-a waits and trails heavy by far more than the bound: its row is highlighted
         WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(
             lambda d: d.find_element(By.CSS_SELECTOR, "#clients tr[data-client='light-a']").get_attribute("class")
@@ -254,3 +254,47 @@ def test_dashboard_shows_a_routers_workers(browser: Any) -> None:
         assert browser.find_element(By.CSS_SELECTOR, "#clients tr[data-client='heavy']").get_attribute("class") == ""
     finally:
         srv.stop()
+
+
+def test_router_dashboard_shows_clients_and_workers(engine: Engine, browser: Any, tmp_path: Path) -> None:
+    """`radixfair router`'s own /dashboard: the same page over the fleet's view, the clients of the
+    traffic it routed, and its workers: the live one holding the clients, a dead one unhealthy."""
+    from fixtures.live_server import free_port
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from radixfair.router.app import create_router_app
+    from radixfair.router.router_args import RouterArgs
+    from radixfair.router.serve import build_policy
+    from radixfair.router.state import RouterState
+
+    worker = LiveServer(create_app(engine))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = RouterArgs(worker_urls=(worker.url, dead), health_check_interval_secs=0.2, retry_initial_backoff_ms=1.0,
+                      fairness_window=10.0)
+    router = LiveServer(create_router_app(RouterState(args, build_policy("d2lpm", {}))))
+    traffic = Traffic(router.url, max_rounds=60)
+
+    def shown(d: Any) -> bool:
+        names = {r.get_attribute("data-client") for r in d.find_elements(By.CSS_SELECTOR, "#clients tbody tr")}
+        rows = d.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        return (set(CLIENTS) <= names and len(rows) == 2 and rows[1].get_attribute("class") == "unhealthy"
+                and all(c in rows[0].text for c in CLIENTS))
+
+    try:
+        browser.get(router.url + "/dashboard")
+        WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(shown)
+        assert browser.find_element(By.ID, "policy").text == "d2lpm"
+        rows = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+        assert worker.url in rows[0].text and "yes" in rows[0].text
+        assert dead in rows[1].text and "no" in rows[1].text
+        shot = tmp_path / "router-dashboard.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 0
+        if extra := os.environ.get("RADIXFAIR_ROUTER_DASHBOARD_SCREENSHOT"):
+            browser.save_screenshot(extra)
+        assert not traffic.errors, traffic.errors[:3]
+    finally:
+        traffic.close()
+        router.stop()
+        worker.stop()

@@ -156,3 +156,36 @@ def test_scheduler_service_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     sim.run()
     kept = {c.client for c in sim.workers[0].scheduler.stats().clients}
     assert len(kept) <= 3 and "u11" in kept
+
+
+def test_a_client_that_came_between_two_samples_counts_from_zero() -> None:
+    """A sample that lists every client says a client absent from it had no service yet (one that came
+    and went between two samples is not lost); a sample cut to `max_clients` says nothing of the rest."""
+    view = FairnessView(window_s=60.0)
+    view.sample(snap(0.0, [ClientStats("a", 0, 0, 0.0)]))
+    out = view.report(snap(10.0, [ClientStats("a", 0, 0, 0.0), ClientStats("new", 0, 0, 500.0)]))
+    rows = {c["client"]: c for c in out["clients"]}
+    assert rows["new"]["service_rate"] == pytest.approx(50.0)
+    assert out["history"]["service_rate"]["new"] == [pytest.approx(50.0)]
+    cut = FairnessView(window_s=60.0, max_clients=1)
+    cut.sample(snap(0.0, [ClientStats("a", 1, 0, 0.0), ClientStats("b", 0, 0, 100.0)]))  # keeps only a
+    rows = {c["client"]: c for c in cut.report(snap(10.0, [ClientStats("b", 1, 0, 500.0)]))["clients"]}
+    assert rows["b"]["service_rate"] == 0.0  # no reading to count from
+
+
+def test_a_routers_running_clients_are_backlogged() -> None:
+    """A router's "running" requests are in flight at workers that may be queueing them: with
+    `running_backlogged` a running client is backlogged, and can be behind."""
+    clients0 = [ClientStats("a", 0, 1, 0.0), ClientStats("b", 0, 1, 0.0), ClientStats("idle", 0, 0, 0.0)]
+    clients1 = [ClientStats("a", 0, 1, 1000.0), ClientStats("b", 0, 1, 100.0), ClientStats("idle", 0, 0, 0.0)]
+    view = FairnessView()
+    view.sample(snap(0.0, clients0))
+    rows = {c["client"]: c for c in view.report(snap(10.0, clients1))["clients"]}
+    assert not rows["a"]["backlogged"] and not rows["b"]["behind"]  # a worker's: waiting only
+    view = FairnessView()
+    view.sample(replace(snap(0.0, clients0), running_backlogged=True))
+    out = view.report(replace(snap(10.0, clients1), kv_used=None, running_backlogged=True))
+    rows = {c["client"]: c for c in out["clients"]}
+    assert rows["a"]["backlogged"] and rows["b"]["backlogged"] and not rows["idle"]["backlogged"]
+    assert rows["b"]["behind"] and not rows["a"]["behind"]
+    assert out["kv_used"] is None  # a router none of whose workers said

@@ -637,3 +637,148 @@ def test_a_worker_that_moved_is_swapped_in_from_another_thread(router_factory: C
         assert c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
     assert r.state.workers[b].dispatched == 1 and fleet.urls == [b]
     r.wait_idle()
+
+
+# ---- the fleet's fairness view, and recording its traffic --------------------------------------------------
+
+FAIRNESS_FIELDS = {"policy", "quantum", "window_s", "throughput", "hit_rate", "kv_used", "clients", "workers"}
+ROUTER_CLIENT_FIELDS = {"client", "service_rate", "waiting", "running", "deficit", "hit_rate", "ttft_p50", "ttft_p99",
+                        "e2e_p50", "e2e_p99", "backlogged", "behind"}
+
+
+def _wait_sampled(r: RouterUnderTest, within: float = 20.0) -> None:
+    """The view's first sample, taken before any traffic: the base its rates count from."""
+    deadline = time.monotonic() + within
+    while r.state.fairness.latest is None:
+        assert time.monotonic() < deadline, "the router's fairness view was never sampled"
+        time.sleep(0.02)
+
+
+def test_router_fairness_shows_the_fleets_clients_and_workers(router_factory: Callable[..., RouterUnderTest],
+                                                              workers: list[LiveServer]) -> None:
+    r = router_factory("d2lpm", fairness_window=30.0)
+    _wait_sampled(r)
+    doc = "A shared document about routing: " + " ".join(f"w{i}" for i in range(60))
+    with r.http() as c:
+        for i in range(3):
+            out = c.post("/generate", json={"text": f"{doc} question {i}",
+                                            "sampling_params": {"max_new_tokens": 4, **GREEDY}},
+                         headers={"x-client-id": "fa"})
+            assert out.status_code == 200, out.text
+        with c.stream("POST", "/generate", json={"text": f"{doc} streamed", "stream": True,
+                                                 "sampling_params": {"max_new_tokens": 4, **GREEDY}},
+                      headers={"x-client-id": "fb"}) as s:
+            assert sse_events(s.iter_lines())[-1] == "[DONE]"
+        # a request in flight: its client is running (backlogged) and its worker holds it
+        with c.stream("POST", "/generate", json={"text": "long one", "stream": True,
+                                                 "sampling_params": {"max_new_tokens": 3000, **GREEDY}},
+                      headers={"x-client-id": "fc"}) as s:
+            lines = s.iter_lines()  # held: a dropped iterator closes the stream, which aborts it
+            next(lines)
+            # the workers' KV use is read every sampling interval: wait for a reading that sees it
+            deadline = time.monotonic() + 20
+            while (live := c.get("/fairness").json())["kv_used"] in (None, 0):
+                assert time.monotonic() < deadline, live
+                time.sleep(0.1)
+        r.wait_idle()
+        data = c.get("/fairness").json()
+    rows = {row["client"]: row for row in live["clients"]}
+    assert "fc" in rows, live
+    assert rows["fc"]["running"] == 1 and rows["fc"]["waiting"] == 0 and rows["fc"]["backlogged"] is True
+    held = [w for w in live["workers"] if "fc" in w["clients"]]
+    assert held and held[0]["load"] == 1 and held[0]["clients"][0] == "fc"  # in flight there: listed first
+
+    assert set(data) >= FAIRNESS_FIELDS
+    assert data["policy"] == "d2lpm" and data["quantum"] == r.state.policy.config.router_quantum
+    assert data["window_s"] == 30.0 and data["balance"] == "deficit"
+    assert data["throughput"] > 0 and 0 < data["hit_rate"] <= 1  # the shared document was cached
+    assert 0 < live["kv_used"] <= 1 and 0 < max(w["kv_used"] for w in live["workers"]) <= 1
+    assert data["kv_used"] is not None and 0 <= data["kv_used"] <= 1
+    rows = {row["client"]: row for row in data["clients"]}
+    assert {"fa", "fb", "fc"} <= set(rows)
+    assert rows["fc"]["service_rate"] > 0 and rows["fc"]["running"] == 0  # charged what it was sent, then left
+    for name in ("fa", "fb"):
+        row = rows[name]
+        assert set(row) == ROUTER_CLIENT_FIELDS, row
+        assert row["service_rate"] > 0 and row["waiting"] == 0 and row["running"] == 0
+        assert row["backlogged"] is False and row["behind"] is False
+        assert row["e2e_p50"] is not None and row["e2e_p99"] >= row["e2e_p50"] > 0
+    assert rows["fa"]["hit_rate"] > 0  # its second and third requests found the document cached
+    # TTFT: a stream's first event relayed; a whole native answer's first token at the worker, plus the
+    # time before the router sent it
+    for name in ("fa", "fb"):
+        assert rows[name]["ttft_p50"] is not None and 0 < rows[name]["ttft_p50"] <= rows[name]["e2e_p50"]
+    # the fleet's service per client is what the workers were charged for it
+    assert r.state.service["fa"] == pytest.approx(sum(w.service.get("fa", 0.0) for w in r.state.workers.values()))
+    assert [w["url"] for w in data["workers"]] == [w.url for w in workers]
+    assert all(w["healthy"] is True and w["load"] == 0 and 0 <= w["kv_used"] <= 1 for w in data["workers"])
+    assert {"fa", "fb", "fc"} <= {c for w in data["workers"] for c in w["clients"]}
+
+
+def test_router_fairness_and_dashboard_need_the_operator_key(workers: list[LiveServer]) -> None:
+    keys = {"sk-frank": ServerClient("frank")}
+    args = RouterArgs(worker_urls=tuple(w.url for w in workers), worker_api_key=ROUTER_KEY,
+                      admin_api_key=("sk-operator",))
+    server = LiveServer(create_router_app(RouterState(args, build_policy("global_vtc", {}), keys)))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.get("/fairness").status_code == 401
+            page = c.get("/dashboard", headers={"Accept": "text/html"})
+            assert page.status_code == 401 and "Operator key" in page.text  # the page that asks for it
+            frank = {"authorization": "Bearer sk-frank"}
+            assert c.get("/fairness", headers=frank).status_code == 403
+            assert c.get("/dashboard", headers={**frank, "Accept": "text/html"}).status_code == 403
+            operator = {"authorization": "Bearer sk-operator"}
+            data = c.get("/fairness", headers=operator).json()
+            assert data["policy"] == "global_vtc" and data["quantum"] is None and data["balance"] == "counter"
+            dash = c.get("/dashboard", headers={**operator, "Accept": "text/html"})
+            assert dash.status_code == 200 and 'id="workers"' in dash.text
+    finally:
+        server.stop()
+
+
+def test_router_records_a_trace_the_simulator_reads(router_factory: Callable[..., RouterUnderTest],
+                                                    engines: list[Engine], tmp_path: Path) -> None:
+    from radixfair.cli import main as cli_main
+    from radixfair.sim.trace import BLOCK_SIZE, block_hashes, read_jsonl
+
+    path = tmp_path / "router.jsonl"
+    r = router_factory("d2lpm", record_trace=str(path))
+    clients = ("ta", "tb")
+    prompts: dict[str, list[int]] = {}
+    with r.http() as c:
+        for i in range(4):
+            for client in clients:
+                text = f"Document of {client}: " + " ".join(f"{client}-{k}" for k in range(80)) + f" Question {i}?"
+                out = c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 5, **GREEDY}},
+                             headers={"x-client-id": client})
+                assert out.status_code == 200, out.text
+                prompts[f"{client}{i}"] = list(engines[0].tokenizer.encode(text))
+                assert out.json()["meta_info"]["prompt_tokens"] == len(prompts[f"{client}{i}"])
+        # streamed through the router: recorded too
+        with c.stream("POST", "/v1/completions", json={"prompt": "a streamed one", "max_tokens": 3, "stream": True,
+                                                       "user": "tc", **GREEDY}) as s:
+            assert sse_events(s.iter_lines())[-1] == "[DONE]"
+        # refused by the worker: never ran, not recorded
+        assert c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": -1}}).status_code == 400
+    r.wait_idle()
+    r.stop()  # closes the file
+    trace = read_jsonl(path)
+    assert len(trace) == 9 and {t.client for t in trace} == {"ta", "tb", "tc"}
+    assert [t.time for t in trace] == sorted(t.time for t in trace) and trace[0].time >= 0
+    docs = [t for t in trace if t.client != "tc"]
+    assert all(t.output_len == 5 and t.block_size == BLOCK_SIZE for t in docs)
+    assert "Document" not in path.read_text()  # hashes only: no prompt text, no token ids
+    # the router tokenizes as the worker does: each record's block hashes are those of the worker's ids
+    expected = {tuple(block_hashes(ids)) for ids in prompts.values()}
+    chains = [tuple(g for g, _ in t.segments) for t in docs]
+    assert set(chains) == expected
+    # one client's prompts share their document's blocks; the two clients' share none
+    ta = [ch for ch, t in zip(chains, docs, strict=True) if t.client == "ta"]
+    tb = [ch for ch, t in zip(chains, docs, strict=True) if t.client == "tb"]
+    assert ta[0][:3] == ta[1][:3] and not set(ta[0]) & set(tb[0])
+    out = tmp_path / "sim.json"
+    assert cli_main(["bench", "sim", "--trace", str(path), "--policies", "dlpm", "--profile", "cpu-smollm2",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows[0]["requests"] == 9 and rows[0]["hit_rate"] > 0.5, rows[0]

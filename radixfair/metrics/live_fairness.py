@@ -56,9 +56,12 @@ class FairnessSnapshot:
     input_tokens: int  # cumulative prompt tokens admitted
     cached_tokens: int  # of which served from the cache
     decode_tokens: int  # cumulative output tokens
-    kv_used: float  # share of the KV pool in use, 0..1
+    kv_used: float | None  # share of the KV pool in use, 0..1 (a router's: of the workers that report it; or None)
     clients: tuple[ClientStats, ...]
     weights: Mapping[str, float] = field(default_factory=dict)  # client -> weight (absent: 1)
+    # a client with requests running counts as backlogged too: a router's "running" are in flight at
+    # the workers, where they may as well be waiting in a queue it cannot see
+    running_backlogged: bool = False
 
 
 class FairnessSource(Protocol):
@@ -70,6 +73,7 @@ class FairnessSource(Protocol):
 class _Sample(NamedTuple):
     time: float
     service: dict[str, float]  # client -> cumulative charged service (the clients kept, see `sample`)
+    complete: bool  # every client the source listed was kept: one absent then had no service yet
     input_tokens: int
     cached_tokens: int
     decode_tokens: int
@@ -115,8 +119,8 @@ class FairnessView:
         (those with requests in the system first, then the most served), so memory stays bounded
         however many client ids callers invent."""
         kept = _shown(snap.clients, self.max_clients)
-        s = _Sample(snap.time, {c.client: c.service for c in kept}, snap.input_tokens, snap.cached_tokens,
-                    snap.decode_tokens)
+        s = _Sample(snap.time, {c.client: c.service for c in kept}, len(kept) == len(snap.clients),
+                    snap.input_tokens, snap.cached_tokens, snap.decode_tokens)
         with self._lock:
             if self._latest is None or snap.time >= self._latest.time:
                 self._latest = snap
@@ -163,7 +167,7 @@ class FairnessView:
             hit = snap.cached_tokens / snap.input_tokens if snap.input_tokens else 0.0
         shown = _shown(snap.clients, self.max_clients)
         rates = {c.client: _rate(c, in_window, now) for c in shown}
-        backlogged = {c.client for c in shown if c.waiting > 0}
+        backlogged = {c.client for c in shown if c.waiting > 0 or (snap.running_backlogged and c.running > 0)}
         per_weight = {c: rates[c] * span / snap.weights.get(c, 1.0) for c in backlogged}
         clients = []
         for c in shown:
@@ -215,21 +219,22 @@ def _shown(clients: Sequence[ClientStats], limit: int) -> list[ClientStats]:
 
 
 def _rate(c: ClientStats, window: Sequence[_Sample], now: float) -> float:
-    """Charged service per second since the first in-window sample that knows the client. A total
+    """Charged service per second since the first in-window sample that knows the client, or that
+    lists every client (one it lacks had none yet: it came and went between two samples). A total
     that went down (the worker forgot an idle client, or restarted) counts from zero."""
     for s in window:
-        if c.client in s.service:
+        if c.client in s.service or s.complete:
             span = now - s.time
             if span <= 0:
                 return 0.0
-            delta = c.service - s.service[c.client]
+            delta = c.service - s.service.get(c.client, 0.0)
             return (delta if delta >= 0 else c.service) / span
     return 0.0
 
 
 def _history(samples: Sequence[_Sample], clients: Sequence[str], now: float) -> dict[str, Any]:
     """Service rate per client between consecutive samples (merged down to `MAX_HISTORY_POINTS`),
-    timed in seconds before `now`; None where a sample did not keep the client."""
+    timed in seconds before `now`; None where a sample did not keep the client (`_rate`'s rule)."""
     step = max(1, math.ceil((len(samples) - 1) / MAX_HISTORY_POINTS))
     picked = list(samples[::step])
     if samples and picked[-1] is not samples[-1]:
@@ -242,8 +247,8 @@ def _history(samples: Sequence[_Sample], clients: Sequence[str], now: float) -> 
             continue
         t.append(round(b.time - now, 3))
         for c in clients:
-            if c in a.service and c in b.service:
-                d = b.service[c] - a.service[c]
+            if c in b.service and (c in a.service or a.complete):
+                d = b.service[c] - a.service.get(c, 0.0)
                 rates[c].append((d if d >= 0 else b.service[c]) / dt)
             else:
                 rates[c].append(None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,16 +19,18 @@ from urllib.parse import unquote
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from radixfair.router.fairness import RouterFairness, sampling
 from radixfair.router.metrics import RouterMetrics
 from radixfair.router.prompt_tokens import max_new_tokens, prompt_tokens
 from radixfair.router.proxy import forward, upstream_error
-from radixfair.router.state import RouterState
+from radixfair.router.state import RoutedRequest, RouterState
 from radixfair.server.auth import ApiKeyAuth, client_of, operator_view, require_admin
 from radixfair.server.errors import APIError, install_error_handlers
+from radixfair.server.fairness import dashboard
 from radixfair.server.middleware import BodyLimit
 from radixfair.server.version import version
 
@@ -45,12 +48,14 @@ def create_router_app(state: RouterState) -> FastAPI:
         await state.start()
         await state.ensure_tokenizer()
         try:
-            yield
+            async with sampling(source):
+                yield
         finally:
             await state.stop()
 
     app = FastAPI(title="radixfair router", version=version(), lifespan=lifespan)
     app.state.radixfair = state  # `server.auth` reads the identity settings here, as on a worker
+    source = RouterFairness(state)
     metrics = RouterMetrics(state)
     install_error_handlers(app)
 
@@ -159,6 +164,14 @@ def create_router_app(state: RouterState) -> FastAPI:
     async def list_workers() -> dict[str, Any]:
         return {"urls": list(state.workers)}
 
+    # the live fairness view, operators only, as on a worker: the same JSON (plus the workers) and page
+    @app.get("/fairness")
+    async def fairness(request: Request) -> dict[str, Any]:
+        require_admin(request)
+        return state.fairness.report(source.fairness_snapshot(), workers=source.workers())
+
+    app.add_api_route("/dashboard", dashboard, methods=["GET"], response_class=HTMLResponse)
+
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         require_admin(request)
@@ -171,6 +184,7 @@ def create_router_app(state: RouterState) -> FastAPI:
 
 def _generation_handler(state: RouterState, path: str) -> Any:
     async def handler(request: Request) -> Response:
+        arrival = time.monotonic()
         raw = await request.body()
         try:
             body: Any = json.loads(raw) if raw else None
@@ -189,7 +203,7 @@ def _generation_handler(state: RouterState, path: str) -> Any:
         stream = isinstance(body, dict) and body.get("stream") is True
         status = 500
         try:
-            response = await forward(state, request, path, raw, route, stream)
+            response = await forward(state, request, path, raw, RoutedRequest(route, arrival), stream)
             status = response.status_code
             return response
         except APIError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from fastapi.responses import Response
 from radixfair.router.policies import ClientLimitError, NoHealthyWorkerError, RouteRequest, Usage
 from radixfair.router.request_queue import overloaded
 from radixfair.router.retry import retryable
-from radixfair.router.state import Dispatch, RouterState
+from radixfair.router.state import Dispatch, RoutedRequest, RouterState, decrement
 from radixfair.server.errors import APIError, error_body
 from radixfair.server.held_stream import HeldStream
 from radixfair.server.streaming import SSE_DONE, sse
@@ -59,6 +60,15 @@ def usage_of(path: str, body: Any, prompt_len: int) -> Usage | None:
     return Usage(prompt or prompt_len, min(cached, prompt or prompt_len), completion)
 
 
+def worker_ttft(path: str, body: Any) -> float | None:
+    """A whole native answer's time to first token at the worker (`meta_info.ttft`); the router adds
+    the time the request spent before it was sent. OpenAI's answers do not say."""
+    item = body[0] if path == "/generate" and isinstance(body, list) and body else body
+    meta = item.get("meta_info") if path == "/generate" and isinstance(item, dict) else None
+    ttft = meta.get("ttft") if isinstance(meta, dict) else None
+    return float(ttft) if isinstance(ttft, (int, float)) and not isinstance(ttft, bool) and ttft >= 0 else None
+
+
 async def _watch(request: Request, work: Awaitable[T]) -> T:
     """`work`, cancelled (the connection to the worker closed, so the worker aborts) if the client
     disconnects first: a non-streaming handler is not told its client left."""
@@ -91,11 +101,29 @@ async def _acquire(state: RouterState, route: RouteRequest, tried: set[str]) -> 
         raise overloaded(str(e)) from e
 
 
-async def forward(state: RouterState, request: Request, path: str, raw: bytes, route: RouteRequest,
+async def forward(state: RouterState, request: Request, path: str, raw: bytes, routed: RoutedRequest,
                   stream: bool) -> Response:
-    """Send the request to the worker the policy picks, retrying elsewhere as the flags allow."""
-    slot = await state.queue.acquire()
+    """Send the request to the worker the policy picks, retrying elsewhere as the flags allow. Until
+    its first dispatch it counts as waiting (for a queue place, or held by the policy); when it
+    leaves, `state.left(routed)` is told, once."""
+    route = routed.route
+    client = route.client_id
+    state.waiting[client] += 1
+    waiting = True
     handed_over = False
+
+    def dispatched() -> None:
+        nonlocal waiting
+        if waiting:
+            waiting = False
+            decrement(state.waiting, client)
+
+    try:
+        slot = await state.queue.acquire()
+    except BaseException:
+        dispatched()
+        state.left(routed)
+        raise
     try:
         args = state.args
         max_retries = 0 if args.disable_retries else args.retry_max_retries
@@ -106,7 +134,10 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
             if attempt:
                 state.retries += 1
                 await asyncio.sleep(state.backoff.delay_secs(attempt))
-            d = await _acquire(state, route, tried)
+            try:
+                d = await _acquire(state, route, tried)
+            finally:
+                dispatched()
             url = d.worker.url
             tried.add(url)
             key = (route.client_id, route.rid)
@@ -119,18 +150,25 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                     if r.status_code == 200:
                         handed_over = True
 
+                        routed.ran = True
+
                         async def close(r: httpx.Response = r, d: Dispatch = d, key: tuple[str, str] = key) -> None:
                             try:
                                 await r.aclose()
                             finally:
-                                _done(state, d, key, slot=slot)
+                                try:
+                                    _done(state, d, key, slot=slot)
+                                finally:
+                                    state.left(routed)
 
-                        return HeldStream(_relay(state, d, r, path, len(route.input_ids)), close)
+                        return HeldStream(_relay(state, d, r, path, routed), close)
                     await r.aread()
                     await r.aclose()
                 else:
+                    sent = time.monotonic()
                     r = await _watch(request, state.client.post(url + path, content=raw, headers=headers))
             except ClientGone:
+                routed.ran = True  # cut off while it ran: the trace keeps the load that arrived
                 _done(state, d, key)
                 return Response(status_code=499)  # nobody reads it; the worker saw its connection close
             except httpx.HTTPError as e:
@@ -148,18 +186,25 @@ async def forward(state: RouterState, request: Request, path: str, raw: bytes, r
                 continue
             usage = None
             if r.status_code == 200:
+                routed.ran = True
                 try:
-                    usage = usage_of(path, r.json(), len(route.input_ids))
+                    answer = r.json()
                 except ValueError:
-                    usage = None
+                    answer = None
+                usage = usage_of(path, answer, len(route.input_ids))
+                routed.usage = usage
+                if (ttft := worker_ttft(path, answer)) is not None:
+                    routed.first_token = sent + ttft
             _done(state, d, key, usage, ok=True)
             return _passthrough(r)
         if last is not None:
             return last
         raise upstream_error(f"the request failed on {len(tried)} worker(s) after {max_retries} retries")
     finally:
+        dispatched()
         if not handed_over:
             slot.release()
+            state.left(routed)
 
 
 def _done(state: RouterState, d: Dispatch, key: tuple[str, str], usage: Usage | None = None,
@@ -174,8 +219,9 @@ def _done(state: RouterState, d: Dispatch, key: tuple[str, str], usage: Usage | 
 
 
 async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
-                 prompt_len: int) -> AsyncIterator[bytes]:
+                 routed: RoutedRequest) -> AsyncIterator[bytes]:
     """The worker's SSE events as they come; a worker lost mid-stream ends it with an error event."""
+    prompt_len = len(routed.route.input_ids)
     buf = b""
     done = False
     usage: dict[int, Usage] = {}
@@ -190,6 +236,8 @@ async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
                     done = True
                 else:
                     events += 1
+                    if routed.first_token is None:
+                        routed.first_token = time.monotonic()
                     _note_usage(path, event, prompt_len, usage)
                 yield event
         if buf.strip():
@@ -197,7 +245,12 @@ async def _relay(state: RouterState, d: Dispatch, r: httpx.Response, path: str,
         if not done:
             raise httpx.RemoteProtocolError("the worker ended the stream without [DONE]")
         total = _sum_usage(usage) or Usage(prompt_len, 0, events)
+        routed.usage = total
         d.finish(total, ok=True)
+    except (GeneratorExit, asyncio.CancelledError):
+        # the client left mid-stream: it was served what it was sent (the worker aborts the rest)
+        d.finish(_sum_usage(usage), ok=None)
+        raise
     except httpx.HTTPError as e:
         state.stream_errors += 1
         logger.warning("router: stream from %s broke: %s", d.worker.url, e)

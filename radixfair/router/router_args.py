@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 from radixfair.config_flags import flag
 from radixfair.router.policies import DEFAULT_ROUTER_POLICY, ROUTER_POLICIES
+from radixfair.server.fairness_args import FairnessArgs
 from radixfair.server.server_args import DEFAULT_CLIENT_ID_HEADERS, DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_ROUTER_PORT = 30080
 
 
 @dataclass(frozen=True)
-class RouterArgs:
+class RouterArgs(FairnessArgs):
     worker_urls: tuple[str, ...] = flag((), "the workers to route to (http://host:port); more can be added at run "
                                             "time (POST /workers)", metavar="URL", many=True)
     policy: str = flag(DEFAULT_ROUTER_POLICY, "routing policy", choices=tuple(ROUTER_POLICIES))
@@ -75,6 +76,7 @@ class RouterArgs:
             raise ValueError(f"--retry-jitter-factor must be in [0, 1], got {self.retry_jitter_factor!r}")
         for url in self.worker_urls:
             check_worker_url(url)
+        self.check_fairness_args()
 
     def client_id_headers(self) -> tuple[str, ...]:
         text = self.client_id_header.strip().lower()

@@ -1,6 +1,8 @@
 """`RouterState`: everything the router knows, in one object: the workers (load, health, circuit
 breaker, service per client), the policy and its decisions, the queue, retries, and the requests in
-flight. Handlers, the health checker and `/metrics` read it; a dashboard can read `snapshot()`.
+flight, per client too (waiting, in flight, service over the fleet). Handlers, the health checker,
+`/metrics` and the fairness view (`router.fairness`: `/fairness`, `/dashboard`) read it; `snapshot()`
+is its JSON. Each request that leaves is told to the fairness view and to `--record-trace` (`left`).
 
 Load is counted by `Dispatch`: one per request sent to a worker, finished exactly once on every
 path (answer, error, timeout, disconnect, a worker that died), which hands the load back and tells
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -33,8 +37,22 @@ logger = logging.getLogger(__name__)
 
 MAX_SERVICE_CLIENTS = 1024  # clients with their own service total per worker; the rest add up under "other"
 OTHER_CLIENT = "other"
+MAX_FAIRNESS_CLIENTS = 32  # clients /fairness and /dashboard show (those with requests in the system first)
 TOKENIZER_RETRY_SECS = 5.0
 CLIENT_HEADER = "x-client-id"  # how the router names the client to a worker (a worker's default header)
+
+
+@dataclass(eq=False)
+class RoutedRequest:
+    """One request at the router, from its arrival to its last byte: what the fairness view and the
+    trace recorder take when it leaves (`RouterState.left`)."""
+
+    route: RouteRequest
+    arrival: float  # time.monotonic()
+    # a stream's first event relayed; a whole native answer's first token at the worker (`proxy.worker_ttft`)
+    first_token: float | None = None
+    usage: Usage | None = None  # as the worker reported it, once the answer was complete
+    ran: bool = False  # a worker took it: it answered, or its client left while it ran
 
 
 class Dispatch:
@@ -51,6 +69,8 @@ class Dispatch:
         worker.requests += 1
         worker.tokens += self.cost
         worker.dispatched += 1
+        worker.active[request.client_id] += 1
+        state.running[request.client_id] += 1
 
     def finish(self, usage: Usage | None, ok: bool | None = None) -> None:
         if self.finished:
@@ -59,20 +79,36 @@ class Dispatch:
         w = self.worker
         w.requests -= 1
         w.tokens -= self.cost
+        state = self.state
+        decrement(w.active, self.request.client_id)
+        decrement(state.running, self.request.client_id)
         if ok is not None:
             w.breaker.record(ok)
             if not ok:
                 w.failed += 1
-        state = self.state
         if usage is not None:
-            client = self.request.client_id
-            if client not in w.service and len(w.service) >= MAX_SERVICE_CLIENTS:
-                client = OTHER_CLIENT
-            w.service[client] = w.service.get(client, 0.0) + usage.cost(state.w_in, state.w_out)
+            cost = usage.cost(state.w_in, state.w_out)
+            _charge(w.service, self.request.client_id, cost)
+            _charge(state.service, self.request.client_id, cost)
+            state.input_tokens += usage.prompt_tokens
+            state.cached_tokens += usage.cached_tokens
+            state.decode_tokens += usage.completion_tokens
         try:
             state.policy.on_finish(self.request, w.view(), usage)
         finally:
             state.release_held()
+
+
+def decrement(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]  # only clients with something there are kept
+
+
+def _charge(service: dict[str, float], client: str, cost: float) -> None:
+    if client not in service and len(service) >= MAX_SERVICE_CLIENTS:
+        client = OTHER_CLIENT
+    service[client] = service.get(client, 0.0) + cost
 
 
 class RouterState:
@@ -81,7 +117,7 @@ class RouterState:
         self.args = args
         self.policy = policy
         self.keys = dict(keys or {})
-        self._weights = {kc.client: kc.weight for kc in self.keys.values()}
+        self.weights = {kc.client: kc.weight for kc in self.keys.values()}  # client -> its key's weight
         self.identity = Identity(args.client_id_headers(), auth=bool(self.keys), admin=bool(args.admin_api_key))
         cfg = policy.config
         self.w_in: float = getattr(cfg, "w_in", W_IN)
@@ -99,6 +135,18 @@ class RouterState:
         self.stream_errors = 0  # streams that lost their worker
         self.holders: dict[tuple[str, str], Worker] = {}  # (client, rid) -> the worker serving it
         self._held: dict[RouteRequest, asyncio.Future[Worker]] = {}
+        # the fleet as the fairness view sees it (`router.fairness`): per client, requests waiting for a
+        # worker (the queue, or held by the policy) and in flight, service charged over all workers;
+        # tokens over all answers; the costliest request routed (the U of the fairness bound)
+        self.waiting: Counter[str] = Counter()
+        self.running: Counter[str] = Counter()
+        self.service: dict[str, float] = {}
+        self.input_tokens = 0
+        self.cached_tokens = 0
+        self.decode_tokens = 0
+        self.max_request_cost = 0.0
+        self.fairness = args.fairness_view(MAX_FAIRNESS_CLIENTS)
+        self.trace_recorder = args.trace_recorder()  # --record-trace
         self._tokenizer_tried = float("-inf")
         self.http: httpx.AsyncClient | None = None  # opened with the app (`start`)
         self._health_task: asyncio.Task[None] | None = None
@@ -121,6 +169,8 @@ class RouterState:
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self.http is not None:
             await self.http.aclose()
+        if self.trace_recorder is not None:
+            self.trace_recorder.close()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -177,8 +227,26 @@ class RouterState:
 
     def route_request(self, client: str, input_ids: tuple[int, ...], max_new_tokens: int, rid: str = "") -> RouteRequest:
         loop = asyncio.get_running_loop()
-        return RouteRequest(client, input_ids, max_new_tokens, rid=rid, weight=self._weights.get(client, 1.0),
-                            time=loop.time())
+        request = RouteRequest(client, input_ids, max_new_tokens, rid=rid, weight=self.weights.get(client, 1.0),
+                               time=loop.time())
+        self.max_request_cost = max(self.max_request_cost, request.estimated_cost(0, self.w_in, self.w_out))
+        return request
+
+    def left(self, r: RoutedRequest) -> None:
+        """A request left the router (answered, refused, failed or abandoned): its latencies and
+        hit rate go to the fairness view, and (if a worker ran it) a record to the trace: the
+        tokens served, or for one cut off before its end the `max_new_tokens` it asked for (the load
+        that arrived, as a worker records it). A prompt the router could not tokenize (no tokenizer
+        yet) is not recorded: its record would have no blocks to share."""
+        now = time.monotonic()
+        client = r.route.client_id
+        if r.usage is not None:
+            ttft = r.first_token - r.arrival if r.first_token is not None else None
+            self.fairness.observe(client, r.usage.prompt_tokens, r.usage.cached_tokens, ttft, now - r.arrival, now)
+        rec = self.trace_recorder
+        if rec is not None and r.ran and r.route.input_ids:
+            output = r.usage.completion_tokens if r.usage is not None else r.route.max_new_tokens
+            rec.record(client, r.route.input_ids, output, r.arrival)
 
     async def acquire(self, request: RouteRequest, exclude: Iterable[str] = ()) -> Dispatch:
         """Choose a worker and dispatch `request` there (waiting while the policy holds it). Raises

@@ -3,6 +3,7 @@ client. The counters are changed only by `Dispatch` (load) and the health checke
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class Worker:
     dispatched: int = 0  # requests sent here, ever
     failed: int = 0  # of which ended with a connection error or a 5xx
     service: dict[str, float] = field(default_factory=dict)  # client -> service charged here
+    active: Counter[str] = field(default_factory=Counter)  # client -> its requests in flight here
+    kv: tuple[int, int] | None = None  # (KV tokens used, pool size) as the worker last reported them
     _fails: int = 0  # health checks failed in a row
     _oks: int = 0  # passed in a row while out
 
@@ -48,6 +51,13 @@ class Worker:
             self.healthy = False
             return True
         return False
+
+    def clients(self, limit: int) -> list[str]:
+        """The clients this worker holds: those with requests in flight here first, then those it
+        has served most (whose prefixes its cache is likeliest to keep); `limit` of them."""
+        ranked = sorted(set(self.active) | set(self.service),
+                        key=lambda c: (-self.active.get(c, 0), -self.service.get(c, 0.0), c))
+        return ranked[:limit]
 
     def snapshot(self) -> dict[str, Any]:
         return {"url": self.url, "healthy": self.healthy, "circuit_breaker": self.breaker.state.name.lower(),

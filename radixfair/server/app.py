@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from radixfair.metrics.live_fairness import FairnessView
 from radixfair.server import fairness, native_api, openai_api, tokenizer_api
 from radixfair.server.admission import Admission, AdmissionLimits
 from radixfair.server.auth import ApiKeyAuth, Identity, ServerClient
@@ -26,7 +25,6 @@ from radixfair.server.middleware import BodyLimit, JSONBodies
 from radixfair.server.request_log import RequestLog
 from radixfair.server.server_args import ServerArgs
 from radixfair.server.state import ServerState
-from radixfair.server.trace_recorder import TraceRecorder
 from radixfair.server.version import version
 
 if TYPE_CHECKING:
@@ -54,11 +52,8 @@ def create_app(engine: Engine, api_keys: Mapping[str, ServerClient] | None = Non
     app.state.radixfair = ServerState(engine, metrics_for(engine, args.max_metric_clients), identity, admission,
                                       args.incremental_streaming_output,
                                       RequestLog(args.log_requests_level) if args.log_requests else None,
-                                      FairnessView(args.fairness_window, max(10 * args.fairness_window, 600.0),
-                                                   args.max_metric_clients),
-                                      fairness.EngineFairness(engine),
-                                      TraceRecorder(args.record_trace, args.record_trace_tokens,
-                                                    args.record_trace_max_bytes) if args.record_trace else None)
+                                      args.fairness_view(args.max_metric_clients),
+                                      fairness.EngineFairness(engine), args.trace_recorder())
     install_error_handlers(app)
     app.include_router(native_api.router)
     app.include_router(openai_api.router)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radixfair.config_flags import flag
+from radixfair.server.fairness_args import FairnessArgs
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_CLIENT_ID_HEADERS = "x-client-id,x-gateway-inference-fairness-id"
 
 
 @dataclass(frozen=True)
-class ServerArgs:
+class ServerArgs(FairnessArgs):
     host: str = flag("127.0.0.1", "bind address; the default serves this machine only")
     port: int = flag(30000, "TCP port")
     api_key: str | None = flag(None, "require 'Authorization: Bearer KEY'", exclusive="auth")
@@ -44,30 +45,17 @@ class ServerArgs:
     log_requests_level: int = flag(0, "what --log-requests adds: 0 nothing, 1 the sampling parameters, 2 the prompt "
                                       "and output text cut to 256 characters each, 3 the whole text",
                                    choices=(0, 1, 2, 3))
-    fairness_window: float = flag(60.0, "seconds over which /fairness and /dashboard measure service rates, "
-                                        "throughput, hit rates and latencies")
-    record_trace: str | None = flag(None, "append one JSONL record per request (finished or cut off) to this file, in the "
-                                          "simulator's trace format (arrival, client, prompt as a chain of "
-                                          "block hashes, output length), for `bench sim --trace`, `bench "
-                                          "fairness --trace` and `radixfair tune`", metavar="PATH")
-    record_trace_tokens: bool = flag(False, "--record-trace also stores each prompt's token ids (users' data: "
-                                            "off by default, only the hashes are written)")
-    record_trace_max_bytes: int = flag(256 << 20, "--record-trace rotates its file past this size: PATH becomes "
-                                                  "PATH.1 (PATH.1 becomes PATH.2, ...; 3 are kept)")
 
     def __post_init__(self) -> None:
         minimums = {"max_body_bytes": 1, "max_queued_requests": 0, "max_requests_per_client": 1,
-                    "max_connections": 1, "max_metric_clients": 1, "record_trace_max_bytes": 1}
+                    "max_connections": 1, "max_metric_clients": 1}
         for name, low in minimums.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         if not self.read_timeout > 0:
             raise ValueError(f"--read-timeout must be > 0, got {self.read_timeout!r}")
-        if not self.fairness_window > 0:
-            raise ValueError(f"--fairness-window must be > 0, got {self.fairness_window!r}")
-        if self.record_trace == "":
-            raise ValueError("--record-trace is empty: give a file path")
+        self.check_fairness_args()
 
     def client_id_headers(self) -> tuple[str, ...]:
         """The identity headers, lower-case, in the order they are tried; () when turned off."""

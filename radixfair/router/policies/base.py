@@ -117,6 +117,17 @@ class RouterPolicy(ABC):
     def remove_worker(self, worker_id: str) -> None:  # noqa: B027
         """`worker_id` left the fleet: drop what the policy keeps about it."""
 
+    # what the fairness view (`/fairness`) shows of the policy's state
+    balance_name: ClassVar[str] = ""  # "deficit" or "counter": what `balances` are; "" when none
+
+    def balances(self) -> dict[str, float]:
+        """Each client's fairness state, as one number (`balance_name`); {} for a policy without."""
+        return {}
+
+    def quantum(self) -> float | None:
+        """The policy's quantum, for a policy that has one."""
+        return None
+
 
 def healthy(workers: Sequence[WorkerView]) -> list[WorkerView]:
     out = [w for w in workers if w.healthy]

@@ -187,6 +187,16 @@ class D2LPMPolicy(RouterPolicy):
         for u in [u for u, d in self.deficits.items() if u not in self._active and min(d.values(), default=0.0) >= 0]:
             del self.deficits[u]
 
+    balance_name = "deficit"
+
+    def balances(self) -> dict[str, float]:
+        """A client's deficits summed over the workers: what it may still place this round across
+        the fleet (negative: what it owes)."""
+        return {u: sum(d.values()) for u, d in self.deficits.items()}
+
+    def quantum(self) -> float | None:
+        return float(self.config.router_quantum)
+
     def remove_worker(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
         for d in self.deficits.values():

@@ -53,6 +53,11 @@ class GlobalVTCPolicy(RouterPolicy):
         self._inflight: dict[RouteRequest, float] = {}  # -> output charged at dispatch
         self._last_left: float | None = None  # counter of the client that left the system last
 
+    balance_name = "counter"
+
+    def balances(self) -> dict[str, float]:
+        return dict(self.counters)
+
     def held(self) -> int:
         return sum(len(q) for q in self._held.values())
 
