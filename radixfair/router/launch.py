@@ -135,19 +135,9 @@ def cmd_launch(ns: argparse.Namespace) -> int:
 
 
 def _serve_router(args: RouterArgs, policy: Any, keys: Any, fleet: Fleet, log_level: str) -> int:
-    import uvicorn
+    from radixfair.router.serve import run_router
 
-    from radixfair.router.app import create_router_app
-    from radixfair.router.state import RouterState
-
-    state = RouterState(args, policy, keys)
-    fleet.follow(state)
-    app = create_router_app(state)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"radixfair: router ({policy.name}) over {len(args.worker_urls)} worker(s) at http://{host}:{args.port}",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
-    return 0
+    return run_router(args, policy, keys, log_level, on_state=fleet.follow)
 
 
 class Fleet(ABC):

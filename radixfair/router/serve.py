@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from radixfair.config_flags import add_flags, flag_values
@@ -54,13 +54,16 @@ def build_policy(name: str, values: Mapping[str, Any]) -> RouterPolicy:
 
 
 def run_router(args: RouterArgs, policy: RouterPolicy, keys: Mapping[str, ServerClient] | None,
-               log_level: str = "warning") -> int:
-    """Serve until SIGINT/SIGTERM."""
+               log_level: str = "warning", on_state: Callable[[RouterState], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM. `on_state` sees the router's state before it serves (`launch`
+    hands it to the fleet, which swaps in a restarted worker's new address)."""
     import uvicorn
 
     from radixfair.router.app import create_router_app
 
     state = RouterState(args, policy, keys)
+    if on_state is not None:
+        on_state(state)
     app = create_router_app(state)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"radixfair: router ({policy.name}) over {len(state.workers)} worker(s) at http://{host}:{args.port}",
