@@ -238,9 +238,14 @@ async def _abuse_run(url: str, ns: argparse.Namespace) -> dict[str, Any]:
     from radixfair.bench.abuse import leaked_slots, run_with_abuse
 
     headers = _admin_headers(ns)
-    n = ns.clients + 4 * ns.abusive + 4
+    n = ns.clients + 4
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    # the abusive clients get their own connections, as separate machines would: sharing one pool,
+    # their long requests would hold its connections and the normal clients' requests would queue
+    # for one here, in the benchmark, before reaching the server
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http, \
+            httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=None)) as abuse_http:
         r = await http.get("/get_server_info", headers=headers)
         r.raise_for_status()
         info: dict[str, Any] = r.json()
@@ -256,7 +261,7 @@ async def _abuse_run(url: str, ns: argparse.Namespace) -> dict[str, Any]:
         alone = await phase()
         before = await leaked_slots(http, headers)
         print(f"beside {ns.abusive} abusive clients ...", flush=True)
-        abused, tally = await run_with_abuse(phase, http, ns.abusive, ns.duration, vocab, ns.max_new_tokens, ns.seed)
+        abused, tally = await run_with_abuse(phase, abuse_http, ns.abusive, ns.duration, vocab, ns.max_new_tokens, ns.seed)
         leaked = await leaked_slots(http, headers)
     for e in normal_errors:
         tally.server_error(f"normal client: {e}")
