@@ -29,6 +29,7 @@ from radixfair.io_struct import ClientStats
 from radixfair.metrics.live_fairness import FairnessSnapshot
 from radixfair.router.state import RouterState
 from radixfair.router.worker import Worker
+from radixfair.server.fairness import every
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +91,9 @@ async def sampling(source: RouterFairness) -> AsyncIterator[None]:
     the service-over-time history exists before anyone opens the dashboard."""
     view = source.state.fairness
 
-    async def loop() -> None:
-        while True:
-            try:
-                await source.read_kv()
-                view.sample(source.fairness_snapshot())
-            except Exception:  # the loop must outlive any one round
-                logger.exception("router: fairness sample failed")
-            await asyncio.sleep(view.interval_s)
+    async def step() -> None:
+        await source.read_kv()
+        view.sample(source.fairness_snapshot())
 
-    task = asyncio.create_task(loop())
-    try:
+    async with every(view.interval_s, step):
         yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from radixfair.config_flags import flag
 from radixfair.router.policies import DEFAULT_ROUTER_POLICY, ROUTER_POLICIES
 from radixfair.server.fairness_args import FairnessArgs
-from radixfair.server.server_args import DEFAULT_CLIENT_ID_HEADERS, DEFAULT_MAX_BODY_BYTES
+from radixfair.server.server_args import DEFAULT_CLIENT_ID_HEADERS, DEFAULT_MAX_BODY_BYTES, client_id_headers
 
 DEFAULT_ROUTER_PORT = 30080
 
@@ -79,10 +79,7 @@ class RouterArgs(FairnessArgs):
         self.check_fairness_args()
 
     def client_id_headers(self) -> tuple[str, ...]:
-        text = self.client_id_header.strip().lower()
-        if text in ("", "none"):
-            return ()
-        return tuple(h.strip() for h in text.split(",") if h.strip())
+        return client_id_headers(self.client_id_header)
 
 
 def check_worker_url(url: str) -> str:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -65,20 +65,17 @@ def source_of(state: ServerState) -> FairnessSource:
 
 
 @contextlib.asynccontextmanager
-async def sampling(app: FastAPI) -> AsyncIterator[None]:
-    """App lifespan: read the engine every `FairnessView.interval_s` so that the service-over-time history
-    exists before anyone opens the dashboard; close the trace recorder at shutdown."""
-    state: ServerState = app.state.radixfair
-    interval = state.fairness.interval_s
+async def every(interval_s: float, step: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Runs `step` every `interval_s` seconds while the context is open (an app's lifespan). A step
+    that fails is logged and the loop goes on: it must outlive any one round."""
 
     async def loop() -> None:
         while True:
-            if state.engine.alive:
-                try:
-                    state.fairness.sample(await run_in_threadpool(source_of(state).fairness_snapshot))
-                except Exception as e:  # the engine stopping between the check and the read
-                    logger.debug("fairness sample skipped: %s", e)
-            await asyncio.sleep(interval)
+            try:
+                await step()
+            except Exception:
+                logger.exception("periodic step failed")
+            await asyncio.sleep(interval_s)
 
     task = asyncio.create_task(loop())
     try:
@@ -86,6 +83,25 @@ async def sampling(app: FastAPI) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def sampling(app: FastAPI) -> AsyncIterator[None]:
+    """App lifespan: read the engine every `FairnessView.interval_s` so that the service-over-time history
+    exists before anyone opens the dashboard; close the trace recorder at shutdown."""
+    state: ServerState = app.state.radixfair
+
+    async def step() -> None:
+        if state.engine.alive:
+            try:
+                state.fairness.sample(await run_in_threadpool(source_of(state).fairness_snapshot))
+            except Exception as e:  # the engine stopping between the check and the read
+                logger.debug("fairness sample skipped: %s", e)
+
+    try:
+        async with every(state.fairness.interval_s, step):
+            yield
+    finally:
         if state.trace_recorder is not None:
             state.trace_recorder.close()
 

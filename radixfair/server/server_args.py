@@ -58,8 +58,12 @@ class ServerArgs(FairnessArgs):
         self.check_fairness_args()
 
     def client_id_headers(self) -> tuple[str, ...]:
-        """The identity headers, lower-case, in the order they are tried; () when turned off."""
-        text = self.client_id_header.strip().lower()
-        if text in ("", "none"):
-            return ()
-        return tuple(h.strip() for h in text.split(",") if h.strip())
+        return client_id_headers(self.client_id_header)
+
+
+def client_id_headers(spec: str) -> tuple[str, ...]:
+    """`--client-id-header`'s headers, lower-case, in the order they are tried; () when turned off."""
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return ()
+    return tuple(h.strip() for h in text.split(",") if h.strip())
