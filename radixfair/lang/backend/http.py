@@ -18,6 +18,16 @@ from radixfair.lang.errors import BackendError
 _MAX_IDLE = 64  # idle connections kept for reuse
 
 
+def api_headers(api_key: str | None, client_id: str | None) -> dict[str, str]:
+    """JSON requests with a Bearer key and radixfair's fair-scheduling unit (`X-Client-Id`), where given."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    if client_id:
+        headers["X-Client-Id"] = client_id
+    return headers
+
+
 class HttpClient:
     """A small keep-alive HTTP/1.1 client shared by threads (a pool of idle connections)."""
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from radixfair.lang.backend.base import Backend, Continuation
-from radixfair.lang.backend.http import HttpClient
+from radixfair.lang.backend.http import HttpClient, api_headers
 from radixfair.lang.chat_template import ChatTemplate, FixedChatTemplate, get_chat_template
 from radixfair.lang.choices import ChoicesDecision, ChoicesSamplingMethod, LogprobEntry
 from radixfair.lang.errors import BackendError
@@ -64,12 +64,7 @@ class OpenAI(Backend):
             raise ValueError(f"select_mode: must be auto, logprobs or constrained (got {select_mode!r})")
         self.base_url = base_url.rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        if client_id:
-            headers["X-Client-Id"] = client_id
-        self._http = HttpClient(self.base_url, headers, None, timeout)
+        self._http = HttpClient(self.base_url, api_headers(api_key, client_id), None, timeout)
         self.extra_body = dict(extra_body or {})
         self.model_name = model if model is not None else self._first_model()
         self.is_chat_model = is_chat_model_name(self.model_name) if is_chat_model is None else bool(is_chat_model)

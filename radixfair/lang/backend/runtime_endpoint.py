@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from radixfair.lang.backend.http import HttpClient
+from radixfair.lang.backend.http import HttpClient, api_headers
 from radixfair.lang.backend.native import NativeBackend
 from radixfair.lang.chat_template import ChatTemplate, get_chat_template, model_chat_template
 
@@ -26,12 +26,7 @@ class RuntimeEndpoint(NativeBackend):
         keys); `timeout` bounds each socket wait in seconds (None: none)."""
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        if client_id:
-            headers["X-Client-Id"] = client_id
-        self._http = HttpClient(self.base_url, headers, verify, timeout)
+        self._http = HttpClient(self.base_url, api_headers(api_key, client_id), verify, timeout)
         self.model_info: dict[str, Any] = self._http.json("GET", "/get_model_info")
         self.chat_template: ChatTemplate = (
             get_chat_template(chat_template_name) if chat_template_name
