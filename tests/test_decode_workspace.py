@@ -15,8 +15,8 @@ from test_engine import assert_idle_pool, gen, greedy, make_engine
 from test_model import DEVICE, SeqState, decode_batch, prefill_batch
 
 from radixfair.engine.engine import Engine
-from radixfair.engine.model_runner import ModelRunner, RunnerConfig
 from radixfair.engine.loaders import inspect_model, load_state_dict
+from radixfair.engine.model_runner import ModelRunner, RunnerConfig
 from radixfair.sampling_params import SamplingParams
 from radixfair.sched.batch import ScheduledBatch
 from radixfair.sched.request import Req
