@@ -19,7 +19,7 @@ from radixfair.engine.kv_pool import KVPool
 from radixfair.sched.request import Req
 
 MIN_CAPACITY = 256  # tokens per row; capacities grow by doubling from here
-MIN_ROWS = 8
+MIN_ROWS = 1
 
 
 @dataclass
