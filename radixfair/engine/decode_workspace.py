@@ -42,13 +42,10 @@ class DecodeWorkspace:
         self._by_row: dict[int, _Entry] = {}  # req_to_token row -> entry
         self._pending: list[tuple[_Entry, int]] = []  # set `filled` once the pass has run
 
-    @staticmethod
-    def bytes_per_token(kv: KVPool) -> int:
-        k0 = kv.k[0]
-        return 2 * kv.num_layers * k0.shape[0] * k0.shape[2] * k0.element_size()
-
     def allocated_bytes(self) -> int:
-        return self.rows_cap * self.capacity * self.bytes_per_token(self.kv)
+        k0 = self.kv.k[0]
+        per_token = KVPool.bytes_per_token(self.kv.num_layers, k0.shape[0], k0.shape[2], k0.dtype)
+        return self.rows_cap * self.capacity * per_token
 
     def invalidate(self, row: int) -> None:
         """The slots of table row `row` changed (a prefill, a new occupant, deduplicated slots)."""
