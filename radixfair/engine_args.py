@@ -74,6 +74,9 @@ class EngineArgs:
                                            "(one mixed pass) instead of waiting for it")
     cuda_graph_max_bs: int = flag(32, "largest decode batch replayed from a captured CUDA graph")
     disable_cuda_graph: bool = flag(False, "run CUDA decode steps eagerly")
+    decode_workspace_tokens: int = flag(32768, "bound (rows x per-row capacity, in tokens) of the contiguous copy "
+                                               "of decoding requests' K/V that decode attention reads without a "
+                                               "gather; past it, or 0, decode gathers from the paged pool")
     max_total_tokens: int | None = flag(None, "KV pool size in tokens", none_means="from --mem-fraction-static")
     mem_fraction_static: float | None = flag(None, "memory share for the KV pool when --max-total-tokens is not given",
                                              none_means="0.85 on CUDA, 0.15 of RAM on CPU")
@@ -129,6 +132,8 @@ class EngineArgs:
             raise ValueError("--served-model-name is empty")
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.decode_workspace_tokens < 0:
+            raise ValueError(f"--decode-workspace-tokens must be >= 0, got {self.decode_workspace_tokens}")
         if self.tp_size != 1:
             raise ValueError(f"--tp-size {self.tp_size}: tensor parallelism is not supported; {TP_HINT}")
 

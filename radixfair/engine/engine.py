@@ -143,7 +143,7 @@ class Engine:
             state,
             RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
                          args.quant_dense_min_rows, args.enable_torch_compile,
-                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs),
+                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs, args.decode_workspace_tokens),
             self.dtype,
             self.device,
         )

@@ -41,6 +41,20 @@ class DecodeGroup:
 
 
 @dataclass
+class WorkspaceStep:
+    """What a decode pass's attention needs to read the decode workspace (built by
+    `radixfair.engine.decode_workspace.DecodeWorkspace.prepare`)."""
+
+    k: list[torch.Tensor]  # per layer [rows_cap, kv_heads, capacity, head_dim]
+    v: list[torch.Tensor]
+    write_index: torch.Tensor  # [B * kv_heads] flat (row, head, position) of each new token's K/V
+    rows: torch.Tensor | None  # [B] workspace row of each batch row; None: rows 0..B-1 in order
+    width: int  # rows 0..width-1 are multiplied (rows not in the batch attend to their position 0)
+    lmax: int  # columns multiplied: the longest context in the batch
+    mask: torch.Tensor  # [width, 1, 1, lmax] additive (0 or -inf)
+
+
+@dataclass
 class ForwardBatch:
     mode: ForwardMode
     input_ids: torch.Tensor  # [T] flat
@@ -53,3 +67,5 @@ class ForwardBatch:
     seqs: list[PrefillSeq] | None = None
     # mixed only: the first decode token in the flat token dimension
     decode_start: int = 0
+    # decode and mixed: attend to the decode workspace in place of `decode_groups` (no gather)
+    workspace: WorkspaceStep | None = None

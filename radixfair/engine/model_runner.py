@@ -13,6 +13,7 @@ import torch
 
 from radixfair.engine.constrained.mask import TokenMask
 from radixfair.engine.cuda_graph import CudaGraphRunner
+from radixfair.engine.decode_workspace import DecodeWorkspace
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
@@ -79,6 +80,8 @@ class RunnerConfig:
     quant_dense_min_rows: int | None = None
     torch_compile: bool = False  # --enable-torch-compile
     cuda_graph_max_bs: int = 0  # decode batches up to this replay captured CUDA graphs; 0: never
+    # bound (rows x capacity, tokens) of the contiguous decode K/V workspace; 0: decode gathers from the pool
+    decode_workspace_tokens: int = 0
 
 
 def auto_max_total_tokens(
@@ -154,6 +157,10 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(self.model, self.kv,
                                           min(runner_config.cuda_graph_max_bs, runner_config.max_running_requests),
                                           runner_config.max_context_len)
+        # captured graphs address the pool directly: with them, eager decode steps keep the gather too
+        self.workspace: DecodeWorkspace | None = None
+        if runner_config.decode_workspace_tokens > 0 and self.graphs is None:
+            self.workspace = DecodeWorkspace(self.kv, runner_config.decode_workspace_tokens)
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
@@ -169,6 +176,8 @@ class ModelRunner:
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""
         self.sampler.forget(rid)
+        if self.workspace is not None:
+            self.workspace.drop_finished()
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
@@ -178,6 +187,8 @@ class ModelRunner:
         logits = self.graphs.run(fb) if self.graphs is not None else None
         if logits is None:
             logits = self.model(fb, self.kv)
+        if fb.workspace is not None and self.workspace is not None:
+            self.workspace.commit()
         # after the launch: on an asynchronous device the masks are computed while the model runs
         masks = self.token_masks
         mask = masks([r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]) if masks else None
@@ -190,6 +201,8 @@ class ModelRunner:
         table = self.req_to_token.table
         for row, slots in batch.row_updates:
             table[row, : len(slots)] = self._tensor(slots)
+            if self.workspace is not None:
+                self.workspace.invalidate(row)
         input_ids = self._tensor(batch.input_ids)
         positions = self._tensor(batch.positions)
         out_slots = self._tensor(batch.out_slots)
@@ -203,13 +216,17 @@ class ModelRunner:
                 rows = rows.repeat_interleave(counts)
                 logits_index = torch.cumsum(counts, 0) - 1
             table[rows, positions] = out_slots
+            ws = None
+            if self.workspace is not None and len(batch.input_ids) == len(batch.reqs):
+                ws = self.workspace.prepare(batch.reqs, batch.rows.tolist(), batch.positions.tolist(), table)
             return ForwardBatch(
                 mode=ForwardMode.DECODE,
                 input_ids=input_ids,
                 positions=positions,
                 out_slots=out_slots,
                 logits_index=logits_index,
-                decode_groups=self._decode_groups(batch, rows),
+                decode_groups=self._decode_groups(batch, rows) if ws is None else None,
+                workspace=ws,
             )
         seqs: list[PrefillSeq] = []
         logits_pos: list[np.ndarray] = []
@@ -221,6 +238,8 @@ class ModelRunner:
             total = prefix + ext
             slots_t = self._tensor(req_slots[:total])
             table[row, :total] = slots_t
+            if self.workspace is not None:
+                self.workspace.invalidate(row)
             seqs.append(PrefillSeq(q_start, ext, prefix, slots_t if prefix > 0 else None,
                                    self._offset_causal_mask(prefix, ext) if prefix > 0 else None))
             lp = batch.logprob_positions[i] if batch.logprob_positions else None
@@ -254,6 +273,7 @@ class ModelRunner:
             decode_groups=d.decode_groups,
             seqs=p.seqs,
             decode_start=start,
+            workspace=d.workspace,
         )
 
     def _offset_causal_mask(self, prefix: int, q_len: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
+from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq, WorkspaceStep
 from radixfair.engine.kv_pool import KVPool
 from radixfair.engine.model_config import ModelConfig, RopeScaling
 from radixfair.engine.quant import QuantLinear
@@ -101,15 +101,18 @@ class Attention(nn.Module):
         v = qkv[:, self.num_heads + self.num_kv_heads :]
         kv.write(self.layer_id, batch.out_slots, k, v)
         if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q, batch, kv)
+            out = self._decode(q, k, v, batch, kv)
         elif batch.mode is ForwardMode.PREFILL:
             out = self._prefill(q, k, v, batch, kv)
         else:
             d = batch.decode_start
-            out = torch.cat((self._prefill(q[:d], k[:d], v[:d], batch, kv), self._decode(q[d:], batch, kv)))
+            out = torch.cat((self._prefill(q[:d], k[:d], v[:d], batch, kv),
+                             self._decode(q[d:], k[d:], v[d:], batch, kv)))
         return self.o_proj(out)
 
-    def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
+        if batch.workspace is not None:
+            return self._decode_workspace(q, k, v, batch.workspace)
         assert batch.decode_groups is not None
         groups = batch.decode_groups
         if len(groups) == 1 and groups[0].index is None:
@@ -119,6 +122,28 @@ class Attention(nn.Module):
             assert g.index is not None
             out.index_copy_(0, g.index, self._decode_group(q.index_select(0, g.index), g, kv))
         return out
+
+    def _decode_workspace(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: WorkspaceStep) -> torch.Tensor:
+        """Decode attention on views of the per-request contiguous workspace: the new token's K/V is
+        appended there (beside the pool write), and rows x kv heads form the matmuls' batch dimension
+        with no gather."""
+        kw, vw = w.k[self.layer_id], w.v[self.layer_id]  # [R, KVH, C, D]
+        d = self.head_dim
+        kw.view(-1, d).index_copy_(0, w.write_index, k.reshape(-1, d))
+        vw.view(-1, d).index_copy_(0, w.write_index, v.reshape(-1, d))
+        group = self.num_heads // self.num_kv_heads
+        b = q.shape[0]
+        if w.rows is None:
+            qw = q.reshape(b, self.num_kv_heads, group, d)
+        else:
+            qw = q.new_zeros(w.width, self.num_heads, d).index_copy_(0, w.rows, q.reshape(b, self.num_heads, d))
+            qw = qw.view(w.width, self.num_kv_heads, group, d)
+        ks = kw[: w.width, :, : w.lmax]  # [W, KVH, L, D]: a view
+        vs = vw[: w.width, :, : w.lmax]
+        scores = torch.matmul(qw, ks.transpose(-1, -2)).float() * self.scale + w.mask  # [W, KVH, G, L]
+        probs = torch.softmax(scores, dim=-1).to(vs.dtype)
+        out = torch.matmul(probs, vs).reshape(w.width, self.q_size)
+        return out if w.rows is None else out.index_select(0, w.rows)
 
     def _decode_group(self, q: torch.Tensor, g: DecodeGroup, kv: KVPool) -> torch.Tensor:
         b, lmax = g.kv_index.shape

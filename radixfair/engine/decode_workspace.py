@@ -1,0 +1,157 @@
+"""Contiguous per-request copies of the K/V context that decode attention reads in place.
+
+The paged pool scatters a request's tokens over arbitrary slots, so attending to them needs a
+gather of the whole context in every layer of every step. The workspace keeps each decoding
+request's context contiguous instead: filled once from the pool (by one gather) when the request
+joins the decode set or its context changes, then appended one token per step beside the pool
+write. Attention then multiplies strided views of it, with no copy. The pool stays the source of
+truth: a workspace row is only trusted while its request, its length and its slots are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from radixfair.engine.forward_batch import WorkspaceStep
+from radixfair.engine.kv_pool import KVPool
+from radixfair.sched.request import Req
+
+MIN_CAPACITY = 256  # tokens per row; capacities grow by doubling from here
+MIN_ROWS = 1
+
+
+@dataclass
+class _Entry:
+    owner: Req  # compared by identity: request ids are only unique per client
+    slot: int  # workspace row
+    filled: int  # positions 0..filled-1 hold the request's K/V
+
+
+class DecodeWorkspace:
+    """Workspace rows for the requests of the decode set, bounded by `max_tokens` (rows x capacity)."""
+
+    def __init__(self, kv: KVPool, max_tokens: int) -> None:
+        self.kv = kv
+        self.max_tokens = max_tokens
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.rows_cap = 0
+        self.capacity = 0
+        self._by_row: dict[int, _Entry] = {}  # req_to_token row -> entry
+        self._pending: list[tuple[_Entry, int]] = []  # set `filled` once the pass has run
+
+    def allocated_bytes(self) -> int:
+        k0 = self.kv.k[0]
+        per_token = KVPool.bytes_per_token(self.kv.num_layers, k0.shape[0], k0.shape[2], k0.dtype)
+        return self.rows_cap * self.capacity * per_token
+
+    def invalidate(self, row: int) -> None:
+        """The slots of table row `row` changed (a prefill, a new occupant, deduplicated slots)."""
+        self._by_row.pop(row, None)
+
+    def drop_finished(self) -> None:
+        """Free the rows of finished requests, and the memory once no row is used."""
+        for r in [r for r, e in self._by_row.items() if e.owner.finished]:
+            del self._by_row[r]
+        if not self._by_row:
+            self.release()
+
+    def release(self) -> None:
+        """Give the memory back (past the bound, or nothing decodes)."""
+        self.k, self.v = [], []
+        self.rows_cap = self.capacity = 0
+        self._by_row.clear()
+
+    def commit(self) -> None:
+        """The pass prepared last ran: its rows now hold their new token too."""
+        for entry, filled in self._pending:
+            entry.filled = filled
+        self._pending = []
+
+    def prepare(
+        self, reqs: list[Req], rows: list[int], positions: list[int], table: torch.Tensor
+    ) -> WorkspaceStep | None:
+        """Assign and fill workspace rows for a decode step of one token per request (`rows`: their
+        req_to_token rows, `positions`: where each new token goes). None past the memory bound:
+        the caller gathers from the pool instead."""
+        self._pending = []
+        present = set(rows)
+        for r in [r for r in self._by_row if r not in present]:  # left the decode set
+            del self._by_row[r]
+        need_cap = max(positions) + 1
+        need_rows = len(rows)
+        cap = max(self.capacity, MIN_CAPACITY)
+        while cap < need_cap:
+            cap *= 2
+        rows_cap = max(self.rows_cap, MIN_ROWS)
+        while rows_cap < need_rows:
+            rows_cap *= 2
+        if rows_cap * cap > self.max_tokens:
+            self.release()
+            return None
+        if (rows_cap, cap) != (self.rows_cap, self.capacity):
+            self._grow(rows_cap, cap)
+        used = {e.slot for e in self._by_row.values()}
+        free = iter(s for s in range(self.rows_cap) if s not in used)
+        stale: list[tuple[int, int, int]] = []  # (table row, workspace row, length)
+        slots: list[int] = []
+        for req, row, pos in zip(reqs, rows, positions, strict=True):
+            e = self._by_row.get(row)
+            if e is None or e.owner is not req:
+                e = _Entry(req, next(free), 0) if e is None else _Entry(req, e.slot, 0)
+                self._by_row[row] = e
+            if e.filled != pos:
+                stale.append((row, e.slot, pos))
+            slots.append(e.slot)
+            self._pending.append((e, pos + 1))
+        dev = table.device
+        if stale:
+            self._fill(stale, table)
+        width = max(slots) + 1
+        lmax = need_cap
+        slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        kvh = self.kv.k[0].shape[0]
+        heads = torch.arange(kvh, device=dev)
+        write_index = ((slots_t.unsqueeze(1) * kvh + heads) * self.capacity + pos_t.unsqueeze(1)).view(-1)
+        lens = torch.ones(width, dtype=torch.int64, device=dev)  # rows outside the batch: one column
+        lens[slots_t] = pos_t + 1
+        valid = torch.arange(lmax, device=dev).unsqueeze(0) < lens.unsqueeze(1)
+        mask = torch.where(valid, 0.0, float("-inf")).view(width, 1, 1, lmax)
+        identity = slots == list(range(len(slots)))
+        return WorkspaceStep(self.k, self.v, write_index, None if identity else slots_t, width, lmax, mask)
+
+    def _grow(self, rows_cap: int, cap: int) -> None:
+        kvh, d = self.kv.k[0].shape[0], self.kv.k[0].shape[2]
+        dtype, dev = self.kv.k[0].dtype, self.kv.k[0].device
+        old_r, old_c = self.rows_cap, self.capacity
+        new_k, new_v = [], []
+        for i in range(self.kv.num_layers):
+            nk = torch.zeros(rows_cap, kvh, cap, d, dtype=dtype, device=dev)
+            nv = torch.zeros(rows_cap, kvh, cap, d, dtype=dtype, device=dev)
+            if self.k:  # sizes only grow
+                nk[:old_r, :, :old_c] = self.k[i]
+                nv[:old_r, :, :old_c] = self.v[i]
+            new_k.append(nk)
+            new_v.append(nv)
+        self.k, self.v = new_k, new_v
+        self.rows_cap, self.capacity = rows_cap, cap
+
+    def _fill(self, stale: list[tuple[int, int, int]], table: torch.Tensor) -> None:
+        """Copy positions 0..length-1 of each stale row from the pool, one gather per layer."""
+        dev = table.device
+        rows_t = torch.tensor([r for r, _, _ in stale], dtype=torch.int64, device=dev)
+        dst = torch.tensor([s for _, s, _ in stale], dtype=torch.int64, device=dev)
+        width = max(n for _, _, n in stale)
+        if width == 0:
+            return
+        index = table[rows_t, :width]  # entries past a row's length are stale but valid slots
+        n = len(stale)
+        kvh, d = self.kv.k[0].shape[0], self.kv.k[0].shape[2]
+        flat = index.reshape(-1)
+        for i in range(self.kv.num_layers):
+            for src, ws in ((self.kv.k[i], self.k[i]), (self.kv.v[i], self.v[i])):
+                g = src.index_select(1, flat).view(kvh, n, width, d).transpose(0, 1)
+                ws[:, :, :width].index_copy_(0, dst, g)
