@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from test_server import LiveServer, sse_events
+from fixtures.live_server import LiveServer
+from test_server import sse_events
 
 from radixfair.engine.engine import Engine
 from radixfair.server import ServerClient, create_app

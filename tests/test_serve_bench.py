@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_server import LiveServer
+from fixtures.live_server import LiveServer
 
 from radixfair.bench import serve_bench
 from radixfair.engine.engine import Engine

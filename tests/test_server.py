@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
+from fixtures.live_server import LiveServer
 
 from radixfair.engine.engine import Engine
 from radixfair.io_struct import EngineRequest, TokenizedRequest
@@ -22,26 +22,6 @@ from radixfair.server import ServerClient, create_app
 
 KEYS = {"sk-alice": ServerClient("alice", 2.0), "sk-bob": ServerClient("bob")}
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
-
-
-class LiveServer:
-    def __init__(self, app: Any) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import pytest
 import torch
 from conftest import requires_real_model
 from fixtures.gguf_writer import write_gguf
+from fixtures.live_server import LiveServer
 from fixtures.tiny_models import CHATML
-from test_server import LiveServer
 
 from radixfair.cli import build_parser, engine_args, main, server_args
 from radixfair.engine.engine import Engine

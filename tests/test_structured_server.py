@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_server import LiveServer
+from fixtures.live_server import LiveServer
 
 from radixfair.engine.engine import Engine
 from radixfair.server import create_app
