@@ -11,10 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from radixfair.tokenizer import Tokenizer
 
 GrammarKind = Literal["regex", "json_schema", "ebnf"]
 Bitmask = npt.NDArray[np.int32]
@@ -82,6 +85,16 @@ class Grammar(Protocol):
     """A compiled constraint; cheap to start matchers from."""
 
     def matcher(self) -> GrammarMatcher: ...
+
+
+def encode_utf8(tokenizer: Tokenizer, data: bytes) -> list[int] | None:
+    """`tokenizer`'s tokens for `data`, or None where `data` is not whole UTF-8 (a cut character): a
+    `GrammarBackend.tokenize_bytes` for libraries that do not tokenize bytes themselves."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 class GrammarBackend(ABC):

@@ -15,6 +15,7 @@ from radixfair.engine.constrained.base import (
     GrammarError,
     GrammarMatcher,
     GrammarSpec,
+    encode_utf8,
 )
 from radixfair.tokenizer import Tokenizer
 
@@ -125,8 +126,4 @@ class OutlinesBackend(GrammarBackend):
         return b"".join(self._bytes[t] or b"" for t in token_ids)
 
     def tokenize_bytes(self, data: bytes) -> list[int] | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return encode_utf8(self._tokenizer, data)

@@ -18,6 +18,7 @@ from radixfair.engine.constrained.base import (
     GrammarError,
     GrammarMatcher,
     GrammarSpec,
+    encode_utf8,
     token_bits,
 )
 from radixfair.tokenizer import Tokenizer
@@ -96,8 +97,4 @@ class XGrammarBackend(GrammarBackend):
         return b"".join(self._decoded[t] for t in token_ids)
 
     def tokenize_bytes(self, data: bytes) -> list[int] | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return encode_utf8(self._tokenizer, data)
