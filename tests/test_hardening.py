@@ -11,12 +11,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fixtures.live_server import LiveServer
 from test_server import sse_events
 
@@ -618,20 +618,7 @@ class ConfiguredServer(LiveServer):
     """A live server run with `radixfair serve`'s uvicorn settings."""
 
     def __init__(self, app: Any, args: ServerArgs) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        from dataclasses import replace
-
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn_config(app, replace(args, port=port), log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
+        super().__init__(app, lambda a, port: uvicorn_config(a, replace(args, port=port), log_level="warning"))
 
 
 def test_slow_headers_and_slow_bodies_are_cut_off(engine: Engine) -> None:
