@@ -66,8 +66,12 @@ class EngineArgs:
                               "bf16, float32 on other CPUs", choices=DTYPES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
     quantization: str = flag("auto", "weights kept quantized: int8 (per channel) or int4 (groups of 32) weight-only "
-                                     "matmuls, with a dense copy for batches where that is faster; auto: int4 "
-                                     "for a Q4_* GGUF, int8 for Q8_0, none for safetensors", choices=QUANTIZATIONS)
+                                     "matmuls, with int8 x int8 or dense matmuls for batches where those are "
+                                     "faster (measured at load); auto: int4 for a Q4_* GGUF, int8 for Q8_0, none "
+                                     "for safetensors", choices=QUANTIZATIONS)
+    disable_activation_quant: bool = flag(False, "quantized layers never quantize activations: larger batches "
+                                                 "use the dense copy, not int8 x int8 matmuls with per-token "
+                                                 "int8 activations")
     enable_torch_compile: bool = flag(False, "compile the decode step's layers with torch.compile (slow first "
                                              "steps per batch size; off by default: see README, Engine speed)")
     enable_mixed_chunk: bool = flag(False, "decode steps of running requests ride along with a prefill chunk "
@@ -123,9 +127,9 @@ class EngineArgs:
                                           "from a model repository")
     # not a flag (the tests set it): raise, not just log, when the KV invariant breaks at idle
     debug_invariants: bool = False
-    # not a flag (tests and benchmarks set it): rows from which quantized layers use their dense
-    # copy; None: measured per layer shape at load
-    quant_dense_min_rows: int | None = None
+    # not a flag (tests and benchmarks set it): every quantized layer's route, (first pass size,
+    # path) pairs (radixfair.engine.quant.QuantLinear.set_route); None: measured per layer shape at load
+    quant_route: tuple[tuple[int, str], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -35,7 +35,8 @@ from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
 from radixfair.sim.cost_model import COEFFICIENTS, BatchFeatures, CostModel, batch_features
 
-ENGINE_FLAGS = ("model", "dtype", "device", "num_threads", "quantization", "enable_mixed_chunk")
+ENGINE_FLAGS = ("model", "dtype", "device", "num_threads", "quantization", "enable_mixed_chunk",
+                "disable_activation_quant")
 MODES = ("prefill", "decode", "mixed")
 
 FEATURES = ("const", *BatchFeatures._fields)

@@ -24,7 +24,8 @@ from radixfair.engine_args import EngineArgs
 
 # engine settings this benchmark lets the user set; `--max-batch` is its running-request limit
 ENGINE_FLAGS = ("model", "dtype", "quantization", "max_total_tokens", "max_prefill_tokens", "chunked_prefill_size",
-                "num_threads", "enable_mixed_chunk", "enable_torch_compile", "decode_workspace_tokens")
+                "num_threads", "enable_mixed_chunk", "enable_torch_compile", "decode_workspace_tokens",
+                "disable_activation_quant")
 QUANT_MODES = ("none", "int8", "int4")
 
 

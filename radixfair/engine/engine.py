@@ -31,7 +31,8 @@ from radixfair.engine.model_runner import (
     select_dtype,
 )
 from radixfair.engine.model_source import find_model, model_names, open_tokenizer
-from radixfair.engine.quant import NEVER, resolve_quantization
+from radixfair.engine.quant import resolve_quantization
+from radixfair.engine.w8a8 import CALIBRATION_TEXT
 from radixfair.engine_args import EngineArgs
 from radixfair.io_struct import (
     EngineOutput,
@@ -142,8 +143,9 @@ class Engine:
             files.config,
             state,
             RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
-                         args.quant_dense_min_rows, args.enable_torch_compile,
-                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs, args.decode_workspace_tokens),
+                         args.quant_route, args.enable_torch_compile,
+                         0 if args.disable_cuda_graph else args.cuda_graph_max_bs, args.decode_workspace_tokens,
+                         not args.disable_activation_quant, tuple(self.tokenizer.encode(CALIBRATION_TEXT))),
             self.dtype,
             self.device,
         )
@@ -178,12 +180,12 @@ class Engine:
         self._thread.start()
 
     def _dense_note(self) -> str:
-        dense = self.runner.dense_copy_bytes()
-        if not dense:
+        extra = self.runner.copy_bytes()
+        paths = {p: r for p, r in self.runner.path_rows().items() if p != "weight_only"}
+        if not paths:
             return ""
-        rows = [r for r in self.runner.dense_switch_rows() if r < NEVER]
-        return (f"; dense copies for passes of >= {min(rows)} tokens take {dense / 1e6:.0f} MB more"
-                if rows else "")
+        where = ", ".join(f"{'int8 x int8' if p == 'w8a8' else p} from {r} tokens" for p, r in sorted(paths.items()))
+        return f"; larger passes: {where}; their copies take {extra / 1e6:.0f} MB more"
 
     # ---- the contract: EngineRequest -> TokenizedRequest -> EngineOutput ------------------------
     def tokenize(self, req: EngineRequest) -> TokenizedRequest:

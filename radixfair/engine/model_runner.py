@@ -19,7 +19,7 @@ from radixfair.engine.isolation import sample_isolated
 from radixfair.engine.kv_pool import KVPool, ReqToTokenTable
 from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
-from radixfair.engine.quant import NEVER, QuantLinear, tune_dense_switch
+from radixfair.engine.quant import QuantLinear, tune_paths
 from radixfair.engine.sampler import Sampler
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.request import Req
@@ -76,12 +76,17 @@ class RunnerConfig:
     max_running_requests: int
     max_context_len: int
     quantization: str = "none"  # none | int8 | int4 (resolved: see quant.resolve_quantization)
-    # rows from which quantized layers use their dense copy; None: measured per layer shape
-    quant_dense_min_rows: int | None = None
+    # every quantized layer's route ((first pass size in tokens, path) ascending from 1, see
+    # QuantLinear.set_route); None: each layer shape's route is measured at load
+    quant_route: tuple[tuple[int, str], ...] | None = None
     torch_compile: bool = False  # --enable-torch-compile
     cuda_graph_max_bs: int = 0  # decode batches up to this replay captured CUDA graphs; 0: never
     # bound (rows x capacity, tokens) of the contiguous decode K/V workspace; 0: decode gathers from the pool
     decode_workspace_tokens: int = 0
+    # quantized layers may multiply int8 codes by int8 per-token activations where that is faster
+    activation_quant: bool = True
+    # tokens of a text whose activations set the int8 activations' smoothing (none: unsmoothed)
+    calibration_ids: tuple[int, ...] = ()
 
 
 def auto_max_total_tokens(
@@ -124,23 +129,6 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         model.eval()
         self.model = model
-        self.quant_layers: list[QuantLinear] = []
-        if runner_config.quantization != "none":
-            self.quant_layers = model.quantize(runner_config.quantization)
-            if runner_config.quant_dense_min_rows is None:
-                t = time.perf_counter()
-                switches = tune_dense_switch(self.quant_layers)
-                logger.info("quantized layers use their dense copy from these pass sizes (tokens), measured in "
-                            "%.1f s: %s", time.perf_counter() - t,
-                            ", ".join(f"{n}x{k} {kind}: {'never' if r >= NEVER else r}"
-                                      for (n, k, kind), r in switches.items()))
-            else:
-                for q in self.quant_layers:
-                    q.dense_min_rows = runner_config.quant_dense_min_rows
-                    if q.dense_min_rows >= NEVER:
-                        q.drop_dense()
-        if runner_config.torch_compile:
-            model.compile_layers()
         self.kv = KVPool(
             runner_config.max_total_tokens,
             model_config.num_hidden_layers,
@@ -149,6 +137,11 @@ class ModelRunner:
             dtype,
             device,
         )
+        self.quant_layers: list[QuantLinear] = []
+        if runner_config.quantization != "none":
+            self._quantize(runner_config)
+        if runner_config.torch_compile:
+            self.model.compile_layers()
         self.req_to_token = ReqToTokenTable(
             runner_config.max_running_requests + 1, runner_config.max_context_len, device
         )
@@ -165,13 +158,45 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
 
-    def dense_copy_bytes(self) -> int:
-        """Memory the quantized layers' dense copies (for large batches) take."""
-        return sum(q.dense.numel() * q.dense.element_size() for q in self.quant_layers if q.dense is not None)
+    def _quantize(self, cfg: RunnerConfig) -> None:
+        route = cfg.quant_route
+        paths = {"w8a8", "dense"} if route is None else {p for _, p in route}
+        w8a8 = "w8a8" in paths and cfg.activation_quant
+        stats = self._input_absmax(cfg.calibration_ids) if w8a8 and cfg.calibration_ids else None
+        self.quant_layers = self.model.quantize(cfg.quantization, keep_dense="dense" in paths, w8a8=w8a8,
+                                                act_absmax=stats)
+        if route is not None:
+            for q in self.quant_layers:
+                q.set_route(route)
+            return
+        t = time.perf_counter()
+        routes = tune_paths(self.quant_layers)
+        logger.info("quantized layers' paths by pass size (tokens), measured in %.1f s: %s",
+                    time.perf_counter() - t,
+                    "; ".join(f"{n}x{k} {kind}: " + ", ".join(f"{p} from {r}" for r, p in rt)
+                              for (n, k, kind), rt in routes.items()))
 
-    def dense_switch_rows(self) -> list[int]:
-        """Distinct row counts from which quantized layers use their dense copy (NEVER: they do not)."""
-        return sorted({q.dense_min_rows for q in self.quant_layers})
+    def _input_absmax(self, ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The projections' input channel maxima over one prefill of `ids` (on scratch KV slots:
+        the pool is empty at load)."""
+        n = min(len(ids), self.kv.size)
+        ids_t = torch.tensor(list(ids[:n]), dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        batch = ForwardBatch(mode=ForwardMode.PREFILL, input_ids=ids_t, positions=positions, out_slots=positions,
+                             logits_index=positions[-1:], seqs=[PrefillSeq(0, n, 0, None, None)])
+        return self.model.input_absmax(batch, self.kv)
+
+    def copy_bytes(self) -> int:
+        """Memory the quantized layers' copies for large batches (dense, int8) take beside their codes."""
+        return sum(q.copy_bytes() for q in self.quant_layers)
+
+    def path_rows(self) -> dict[str, int]:
+        """The smallest pass (tokens) from which some quantized layer takes each path."""
+        out: dict[str, int] = {}
+        for q in self.quant_layers:
+            for rows, path in q.route:
+                out[path] = min(out.get(path, rows), rows)
+        return out
 
     def forget(self, rid: str) -> None:
         """`rid` finished: drop what the executor kept for it (a seeded request's RNG)."""

@@ -3,9 +3,13 @@
 A decode step at small batch reads every weight once and does little arithmetic per byte, so its
 time is the weight bytes over the memory bandwidth: int8 halves them against bf16, int4 quarters
 them. At large batches (prefill chunks, wide decode batches) the same matmul is compute-bound and
-PyTorch's weight-only kernels lose to a dense one, so a layer can keep a dense copy of its
-*dequantized* weights and switch to it from a measured row count (`dense_min_rows`): both paths
-multiply by the same quantized model; only the kernel differs.
+PyTorch's weight-only kernels, which widen every weight to 16 bits, lose. A layer then has two
+other paths: int8 x int8 matmuls with per-token activation quantization (`radixfair.engine.w8a8`,
+CPUs; an int8 copy of its weights, the codes themselves for int8 layers) and a dense copy of its
+*dequantized* weights. Which path serves a pass of how many tokens is measured at load
+(`tune_paths`, the layers of one shape streamed as a decode step streams them); copies no size
+uses are freed. The weight-only and dense paths multiply by the same quantized model, the W8A8
+path by its int8 rounding with int8 activations (`--disable-activation-quant` keeps it out).
 
 The kernels are PyTorch's own (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`). Where
 one does not run (the int4 one is CPU-only; a device or dtype an op lacks), the layer multiplies by
@@ -15,23 +19,32 @@ the dense copy faster at every size and uses it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixfair.engine.w8a8 import W8A8Matmul, make_w8a8, smoothing
+
 logger = logging.getLogger(__name__)
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
 QUANT_KINDS = ("int8", "int4")
 INT4_GROUP = 32  # a Q4_0 / Q4_1 block: a GGUF's groups map one to one
-NEVER = 1 << 62  # dense_min_rows of a layer that has no dense copy
-# row counts `tune_dense_switch` times; past the largest the dense kernel is assumed to win
+NEVER = 1 << 62  # a row count no pass reaches
+# row counts `tune_paths` times; past the largest, the largest's choice holds
 TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+# how a layer multiplies: its quantized codes through a weight-only kernel, int8 x int8 with
+# quantized activations, or its dense dequantized copy
+PATHS = ("weight_only", "w8a8", "dense")
+# layers of one shape timed together when tuning: enough weight bytes to leave the caches, as a
+# decode step, which reads every layer once, does
+TUNE_LAYERS = 12
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,7 @@ class QuantLinear(nn.Module):
     """`y = x @ W.T + b` with W held as int8 or int4 codes (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, dtype: torch.dtype,
-                 keep_dense: bool = True) -> None:
+                 keep_dense: bool = True, w8a8: bool = False, act_absmax: torch.Tensor | None = None) -> None:
         super().__init__()
         if kind not in QUANT_KINDS:
             raise ValueError(f"unknown quantized weight kind {kind!r}")
@@ -153,8 +166,17 @@ class QuantLinear(nn.Module):
                     self._kernel_fn = self._dequant_kernel
         self.dense: torch.Tensor | None
         self.register_buffer("dense", dense if keep_dense else None, persistent=False)
-        # rows (tokens in the pass) from which the dense copy is used; set by tune_dense_switch
-        self.dense_min_rows = NEVER
+        # int8 x int8 with per-token activations: an int8 rounding of the dequantized weights, smoothed
+        # by `act_absmax` (the inputs' channel maxima) when given, else an int8 layer's own codes
+        self.w8a8: W8A8Matmul | None = None
+        if w8a8:
+            smooth = None if act_absmax is None else smoothing(act_absmax.to(device), dense)
+            if smooth is None and kind == "int8":
+                self.w8a8 = make_w8a8(self.qweight, self.scales.float())
+            else:
+                self.w8a8 = make_w8a8(*quantize_int8(dense if smooth is None else dense.float() * smooth), smooth)
+        # (first row count, path) ascending: a pass of `rows` tokens takes the last entry <= rows
+        self.route: list[tuple[int, str]] = [(1, "weight_only")]
         if not self._kernel_runs():
             logger.info("%s weight kernel unavailable for %s on %s: dequantizing on the fly",
                         kind, dtype, device.type)
@@ -205,18 +227,57 @@ class QuantLinear(nn.Module):
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized(), self.bias)
 
+    def w8a8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.w8a8 is not None
+        y = self.w8a8(x)
+        return y if self.bias is None else y + self.bias
+
+    def path_forward(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return {"weight_only": self.quantized_forward, "w8a8": self.w8a8_forward,
+                "dense": self.dense_forward}[path]
+
+    def available_paths(self) -> list[str]:
+        paths = ["weight_only"] if self.has_kernel or self.dense is None else []
+        return paths + (["w8a8"] if self.w8a8 is not None else []) + (["dense"] if self.dense is not None else [])
+
+    def path_for(self, rows: int) -> str:
+        return self.route[bisect.bisect_right(self.route, (rows, "~")) - 1][1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= self.dense_min_rows and self.dense is not None:
-            y = F.linear(x2, self.dense, self.bias)
+        path = self.path_for(x2.shape[0])
+        if path == "dense":
+            y = self.dense_forward(x2)
+        elif path == "w8a8":
+            y = self.w8a8_forward(x2)
         else:
             y = self.quantized_forward(x2)
         return y.view(*shape[:-1], self.out_features)
 
+    def set_route(self, route: Sequence[tuple[int, str]]) -> None:
+        """Use `route` ((first row count, path) ascending, from 1) and free the copies it never uses."""
+        merged: list[tuple[int, str]] = []
+        for rows, path in route:
+            if path != "weight_only" and path not in self.available_paths():  # weight_only always runs
+                raise ValueError(f"{self.kind} layer has no {path} path")
+            if not merged or merged[-1][1] != path:
+                merged.append((rows, path))
+        if not merged or merged[0][0] != 1:
+            raise ValueError("a route starts at 1 row")
+        self.route = merged
+        used = {p for _, p in merged}
+        if "dense" not in used:
+            self.dense = None
+        if "w8a8" not in used:
+            self.w8a8 = None
+
+    @property
+    def dense_min_rows(self) -> int:
+        return next((r for r, p in self.route if p == "dense"), NEVER)
+
     def drop_dense(self) -> None:
-        self.dense = None
-        self.dense_min_rows = NEVER
+        self.set_route([(r, p) for r, p in self.route if p != "dense"] or [(1, "weight_only")])
 
     def quantized_bytes(self) -> int:
         """Bytes the quantized kernel reads: codes, scales (and zeros), bias."""
@@ -228,17 +289,25 @@ class QuantLinear(nn.Module):
 
     def bytes_read(self, rows: int) -> int:
         """Weight bytes one pass of `rows` tokens reads through this layer."""
-        if self.dense is not None and rows >= self.dense_min_rows:
-            return self.dense.numel() * self.dense.element_size() + (
-                0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        path = self.path_for(rows)
+        if path == "dense" and self.dense is not None:
+            return self.dense.numel() * self.dense.element_size() + bias
+        if path == "w8a8" and self.w8a8 is not None:
+            return self.w8a8.nbytes + bias
         return self.quantized_bytes()
 
+    def copy_bytes(self) -> int:
+        """Memory of the layer's other paths' copies (dense, int8), beside its codes."""
+        dense = 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+        return dense + (0 if self.w8a8 is None else self.w8a8.nbytes)
+
     def extra_repr(self) -> str:
-        switch = "never" if self.dense_min_rows >= NEVER else str(self.dense_min_rows)
-        return f"{self.in_features} -> {self.out_features}, {self.kind}, dense from {switch} rows"
+        route = ", ".join(f"{p} from {r}" for r, p in self.route)
+        return f"{self.in_features} -> {self.out_features}, {self.kind}: {route} rows"
 
 
-# ---- choosing the kernel per batch size ----------------------------------------------------------
+# ---- choosing the path per batch size ------------------------------------------------------------
 def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """The fastest of `reps` runs: on a shared machine the others time the neighbours too."""
     fn()
@@ -254,40 +323,40 @@ def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> flo
     return min(times)
 
 
-def measure_dense_switch(layer: QuantLinear, reps: int = 5) -> int:
-    """The smallest row count from which the dense copy is faster at every measured size (NEVER if
-    the quantized kernel wins throughout)."""
-    assert layer.dense is not None
-    device = layer.qweight.device
-    switch = NEVER
+def measure_route(layers: Sequence[QuantLinear], reps: int = 3) -> list[tuple[int, str]]:
+    """The fastest path at each of TUNE_ROWS for layers of one shape, timed over up to TUNE_LAYERS
+    of them in turn (a single layer's weights stay in cache and flatter the bandwidth-bound paths)."""
+    group = list(layers[:TUNE_LAYERS])
+    first = group[0]
+    device = first.qweight.device
+    paths = first.available_paths()
     gen = torch.Generator(device).manual_seed(0)  # not the global generator: sampling seeds stay as set
+    route: list[tuple[int, str]] = []
+    lo = 1
     with torch.inference_mode():
-        for rows in reversed(TUNE_ROWS):
-            x = torch.randn(rows, layer.in_features, generator=gen, device=device).to(layer.dtype)
-            tq = _best_time(lambda: layer.quantized_forward(x), device, reps)  # noqa: B023 - used at once
-            td = _best_time(lambda: layer.dense_forward(x), device, reps)  # noqa: B023
-            if td >= tq:
-                break
-            switch = rows
-    # the largest measured size is where dense is most likely to win: past it, assume it does
-    return switch
+        for rows in TUNE_ROWS:
+            x = torch.randn(rows, first.in_features, generator=gen, device=device).to(first.dtype)
+            fns = {p: [layer.path_forward(p) for layer in group] for p in paths}
+            times = {p: _best_time(lambda: [f(x) for f in fns[p]], device, reps)  # noqa: B023 - used at once
+                     for p in paths}
+            route.append((lo, min(times, key=lambda p: times[p])))
+            lo = rows + 1
+    return route
 
 
-def tune_dense_switch(layers: list[QuantLinear], reps: int = 5) -> dict[tuple[int, int, str], int]:
-    """Measure once per (shape, kind) and set `dense_min_rows` on every layer; layers whose quantized
-    kernel wins at every measured size drop their dense copy (its memory is freed). A layer without a
-    kernel on its device keeps its copy and uses it for every pass."""
-    found: dict[tuple[int, int, str], int] = {}
+def tune_paths(layers: list[QuantLinear], reps: int = 3) -> dict[tuple[int, int, str], list[tuple[int, str]]]:
+    """Measure once per (shape, kind) and set every layer's route; copies no size uses are freed. A
+    layer without a weight-only kernel on its device never takes that path."""
+    by_key: dict[tuple[int, int, str], list[QuantLinear]] = {}
     for layer in layers:
-        if layer.dense is None:
-            continue
-        if not layer.has_kernel:  # no kernel to win anywhere: the dense copy serves every pass
-            layer.dense_min_rows = 1
-            continue
-        key = (layer.out_features, layer.in_features, layer.kind)
-        if key not in found:
-            found[key] = measure_dense_switch(layer, reps)
-        layer.dense_min_rows = found[key]
-        if found[key] >= NEVER:
-            layer.drop_dense()
+        by_key.setdefault((layer.out_features, layer.in_features, layer.kind), []).append(layer)
+    found: dict[tuple[int, int, str], list[tuple[int, str]]] = {}
+    for key, group in by_key.items():
+        if len(group[0].available_paths()) == 1:
+            found[key] = [(1, group[0].available_paths()[0])]
+        else:
+            found[key] = measure_route(group, reps)
+        for layer in group:
+            layer.set_route(found[key])
+        found[key] = group[0].route
     return found

@@ -7,6 +7,7 @@ weights are loaded from Hugging Face-named tensors and concatenated once at load
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -272,28 +273,63 @@ class LlamaForCausalLM(nn.Module):
                 layer.post_attention_layernorm, dynamic=True)
             layer.mlp = torch.compile(layer.mlp, dynamic=True)  # type: ignore[assignment]
 
-    def quantize(self, kind: str, keep_dense: bool = True) -> list[QuantLinear]:
-        """Replace the projections by `kind` (int8 | int4) weight-only layers, and the LM head by an
-        int8 one (its errors go straight into the logits: a Q4 GGUF keeps it at Q8_0 too). Returns
-        the new layers; `keep_dense` keeps their dequantized weights for large batches."""
+    def projections(self) -> dict[str, nn.Module]:
+        """The decoder layers' matmuls, by name."""
+        out: dict[str, nn.Module] = {}
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            out[f"layers.{i}.qkv_proj"] = layer.self_attn.qkv_proj
+            out[f"layers.{i}.o_proj"] = layer.self_attn.o_proj
+            out[f"layers.{i}.gate_up_proj"] = layer.mlp.gate_up_proj
+            out[f"layers.{i}.down_proj"] = layer.mlp.down_proj
+        return out
 
-        def swap(lin: nn.Linear, k: str) -> QuantLinear:
-            return QuantLinear(lin.weight.detach(), lin.bias, k, lin.weight.dtype, keep_dense)
+    def input_absmax(self, batch: ForwardBatch, kv: KVPool) -> dict[str, torch.Tensor]:
+        """Each projection's input channels' largest magnitude over a forward pass of `batch` (the
+        statistics `quantize` smooths int8 activations with)."""
+        found: dict[str, torch.Tensor] = {}
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                x = args[0].detach()
+                m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+                found[name] = m if name not in found else torch.maximum(found[name], m)
+            return hook
+
+        handles = [m.register_forward_hook(record(n)) for n, m in self.projections().items()]
+        try:
+            self(batch, kv)
+        finally:
+            for h in handles:
+                h.remove()
+        return found
+
+    def quantize(self, kind: str, keep_dense: bool = True, w8a8: bool = False,
+                 act_absmax: dict[str, torch.Tensor] | None = None) -> list[QuantLinear]:
+        """Replace the projections by `kind` (int8 | int4) quantized layers, and the LM head by an
+        int8 one (its errors go straight into the logits: a Q4 GGUF keeps it at Q8_0 too). Returns
+        the new layers; `keep_dense` keeps their dequantized weights and `w8a8` an int8 x int8 path
+        (smoothed by `act_absmax`, from `input_absmax`), for large batches (see `radixfair.engine.quant`).
+        The LM head's int8 activations are not smoothed: its logits' argmax over the whole vocabulary
+        is more sensitive to the weight error that smoothing adds than to the activations' error."""
+        stats = act_absmax or {}
+
+        def swap(lin: nn.Module, name: str, k: str) -> QuantLinear:
+            assert isinstance(lin, nn.Linear)
+            return QuantLinear(lin.weight.detach(), lin.bias, k, lin.weight.dtype, keep_dense, w8a8, stats.get(name))
 
         out: list[QuantLinear] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
-            assert isinstance(attn.qkv_proj, nn.Linear) and isinstance(attn.o_proj, nn.Linear)
-            assert isinstance(mlp.gate_up_proj, nn.Linear) and isinstance(mlp.down_proj, nn.Linear)
-            attn.qkv_proj = swap(attn.qkv_proj, kind)
-            attn.o_proj = swap(attn.o_proj, kind)
-            mlp.gate_up_proj = swap(mlp.gate_up_proj, kind)
-            mlp.down_proj = swap(mlp.down_proj, kind)
+            attn.qkv_proj = swap(attn.qkv_proj, f"layers.{i}.qkv_proj", kind)
+            attn.o_proj = swap(attn.o_proj, f"layers.{i}.o_proj", kind)
+            mlp.gate_up_proj = swap(mlp.gate_up_proj, f"layers.{i}.gate_up_proj", kind)
+            mlp.down_proj = swap(mlp.down_proj, f"layers.{i}.down_proj", kind)
             out += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         assert isinstance(w, torch.Tensor)
-        self.lm_head = QuantLinear(w.detach(), None, "int8", w.dtype, keep_dense)
+        self.lm_head = QuantLinear(w.detach(), None, "int8", w.dtype, keep_dense, w8a8)
         out.append(self.lm_head)
         return out
 
