@@ -45,13 +45,14 @@ class WorkspaceStep:
     """What a decode pass's attention needs to read the decode workspace (built by
     `radixfair.engine.decode_workspace.DecodeWorkspace.prepare`)."""
 
-    k: list[torch.Tensor]  # per layer [rows_cap, kv_heads, capacity, head_dim]
-    v: list[torch.Tensor]
-    write_index: torch.Tensor  # [B * kv_heads] flat (row, head, position) of each new token's K/V
+    k: list[torch.Tensor]  # per layer [rows_cap, kv_heads, head_dim, capacity]: transposed
+    v: list[torch.Tensor]  # per layer [rows_cap, kv_heads, capacity, head_dim]
+    write_index: torch.Tensor  # [B * kv_heads] flat (row, head, position) of each new token's V
+    k_write_index: torch.Tensor  # [B * kv_heads * head_dim] flat offsets of each new key's elements
     rows: torch.Tensor | None  # [B] workspace row of each batch row; None: rows 0..B-1 in order
     width: int  # rows 0..width-1 are multiplied (rows not in the batch attend to their position 0)
     lmax: int  # columns multiplied: the longest context in the batch
-    mask: torch.Tensor  # [width, 1, 1, lmax] additive (0 or -inf)
+    mask: torch.Tensor  # [width * kv_heads, 1, lmax] additive (0 or -inf), in the model's dtype
 
 
 @dataclass

@@ -38,13 +38,15 @@ QUANT_KINDS = ("int8", "int4")
 INT4_GROUP = 32  # a Q4_0 / Q4_1 block: a GGUF's groups map one to one
 NEVER = 1 << 62  # a row count no pass reaches
 # row counts `tune_paths` times; past the largest, the largest's choice holds
-TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # how a layer multiplies: its quantized codes through a weight-only kernel, int8 x int8 with
 # quantized activations, or its dense dequantized copy
 PATHS = ("weight_only", "w8a8", "dense")
 # layers of one shape timed together when tuning: enough weight bytes to leave the caches, as a
 # decode step, which reads every layer once, does
 TUNE_LAYERS = 12
+TUNE_LAYERS_LARGE = 3  # from 64 rows on a pass is compute-bound: a few layers time it as well
+SWITCH_MARGIN = 1.1  # how much faster another path must be to take over from the next size on
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> flo
     return min(times)
 
 
-def measure_route(layers: Sequence[QuantLinear], reps: int = 3) -> list[tuple[int, str]]:
+def measure_route(layers: Sequence[QuantLinear], reps: int = 5) -> list[tuple[int, str]]:
     """The fastest path at each of TUNE_ROWS for layers of one shape, timed over up to TUNE_LAYERS
     of them in turn (a single layer's weights stay in cache and flatter the bandwidth-bound paths)."""
     group = list(layers[:TUNE_LAYERS])
@@ -336,15 +338,25 @@ def measure_route(layers: Sequence[QuantLinear], reps: int = 3) -> list[tuple[in
     with torch.inference_mode():
         for rows in TUNE_ROWS:
             x = torch.randn(rows, first.in_features, generator=gen, device=device).to(first.dtype)
-            fns = {p: [layer.path_forward(p) for layer in group] for p in paths}
+            timed = group if rows < 64 else group[:TUNE_LAYERS_LARGE]
+            fns = {p: [layer.path_forward(p) for layer in timed] for p in paths}
             times = {p: _best_time(lambda: [f(x) for f in fns[p]], device, reps)  # noqa: B023 - used at once
                      for p in paths}
-            route.append((lo, min(times, key=lambda p: times[p])))
+            best = min(times, key=lambda p: times[p])
+            # once passes are compute-bound, a path twice as slow as the best does not catch up at
+            # larger sizes: stop timing it
+            if rows >= 32:
+                paths = [p for p in paths if times[p] <= 2 * times[best]]
+            # the previous size's path stays unless another is clearly faster: a noisy timing should
+            # not flip the route back and forth
+            if route and times[route[-1][1]] <= SWITCH_MARGIN * times[best]:
+                best = route[-1][1]
+            route.append((lo, best))
             lo = rows + 1
     return route
 
 
-def tune_paths(layers: list[QuantLinear], reps: int = 3) -> dict[tuple[int, int, str], list[tuple[int, str]]]:
+def tune_paths(layers: list[QuantLinear], reps: int = 5) -> dict[tuple[int, int, str], list[tuple[int, str]]]:
     """Measure once per (shape, kind) and set every layer's route; copies no size uses are freed. A
     layer without a weight-only kernel on its device never takes that path."""
     by_key: dict[tuple[int, int, str], list[QuantLinear]] = {}

@@ -66,6 +66,11 @@ def cpu_has_int8_dot() -> bool:
     return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
+def absmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`[T, 1]` each row's largest magnitude (never 0). (`vector_norm(x, inf)` is ~8x slower on a CPU.)"""
+    return x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-20)
+
+
 def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
@@ -78,16 +83,25 @@ class FbgemmW8A8:
             warnings.simplefilter("ignore")
             wq = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(n, dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(wq, None)
-        self.anchor = torch.zeros(1, k)
-        self.anchor[0, 0], self.anchor[0, min(1, k - 1)] = 1.0, -1.0
+        self.anchor = torch.zeros(k)
+        self.anchor[0], self.anchor[min(1, k - 1)] = 1.0, -1.0
         self.reduce_range = not cpu_has_int8_dot()
         self.nbytes = q.numel() + scale.numel() * 4 + (0 if inv_smooth is None else inv_smooth.numel() * 4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float() if self.inv_smooth is None else x.float() * self.inv_smooth
-        s = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_(min=1e-20)
-        y = torch.ops.quantized.linear_dynamic(torch.cat((xf / s, self.anchor)), self.packed, self.reduce_range)
-        return (y[:-1] * s).to(x.dtype)
+        t = x.shape[0]
+        buf = torch.empty(t + 1, x.shape[1])  # the rows, then the anchor: no concatenation pass
+        rows = buf[:t]
+        if self.inv_smooth is None:
+            s = absmax_rows(x.float())
+            torch.div(x, s, out=rows)
+        else:
+            torch.mul(x, self.inv_smooth, out=rows)
+            s = absmax_rows(rows)
+            rows.div_(s)
+        buf[t] = self.anchor
+        y = torch.ops.quantized.linear_dynamic(buf, self.packed, self.reduce_range)
+        return y[:t].mul_(s).to(x.dtype)
 
 
 class IntMmW8A8:
@@ -99,7 +113,7 @@ class IntMmW8A8:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if self.inv_smooth is None else x.float() * self.inv_smooth
-        s = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_(min=1e-20) / 127.0
+        s = absmax_rows(xf) / 127.0
         xq = torch.round(xf / s).to(torch.int8)
         return (torch._int_mm(xq, self.q.t()).float() * (s * self.scale)).to(x.dtype)
 

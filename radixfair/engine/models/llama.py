@@ -26,7 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce in float32 as HF does, so bfloat16 runs match the reference; one fused op, not five
+        if x.dtype == torch.float32:  # one op, the weight included
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # reduce in float32 as HF does, then round before the weight, so 16-bit runs match the reference
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -62,15 +64,17 @@ class Rotary(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[T, 1, D/2]` cos and sin for the batch, computed once and shared by every layer."""
-        cos, sin = self.get_buffer("cos"), self.get_buffer("sin")
-        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+        """`[T, 1, D]` cos and signed sin (`[cos, cos]`, `[-sin, sin]`) for the batch, computed once
+        and shared by every layer."""
+        cos, sin = self.get_buffer("cos")[positions], self.get_buffer("sin")[positions]
+        return torch.cat((cos, cos), -1).unsqueeze(1).to(dtype), torch.cat((-sin, sin), -1).unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (`[T, heads, D]`) in HF's "rotate_half" layout: pairs are (i, i + D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate `x` (`[T, heads, D]`) in HF's "rotate_half" layout, pairs (i, i + D/2), with the tables
+    of `Rotary.tables`: `[x1, x2] * cos + [x2, x1] * sin` is `[x1 cos - x2 sin, x2 cos + x1 sin]`,
+    three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -128,9 +132,9 @@ class Attention(nn.Module):
         """Decode attention on views of the per-request contiguous workspace: the new token's K/V is
         appended there (beside the pool write), and rows x kv heads form the matmuls' batch dimension
         with no gather."""
-        kw, vw = w.k[self.layer_id], w.v[self.layer_id]  # [R, KVH, C, D]
+        kw, vw = w.k[self.layer_id], w.v[self.layer_id]  # [R, KVH, D, C] (K transposed), [R, KVH, C, D]
         d = self.head_dim
-        kw.view(-1, d).index_copy_(0, w.write_index, k.reshape(-1, d))
+        kw.view(-1).index_copy_(0, w.k_write_index, k.reshape(-1))
         vw.view(-1, d).index_copy_(0, w.write_index, v.reshape(-1, d))
         group = self.num_heads // self.num_kv_heads
         b = q.shape[0]
@@ -139,11 +143,13 @@ class Attention(nn.Module):
         else:
             qw = q.new_zeros(w.width, self.num_heads, d).index_copy_(0, w.rows, q.reshape(b, self.num_heads, d))
             qw = qw.view(w.width, self.num_kv_heads, group, d)
-        ks = kw[: w.width, :, : w.lmax]  # [W, KVH, L, D]: a view
-        vs = vw[: w.width, :, : w.lmax]
-        scores = torch.matmul(qw, ks.transpose(-1, -2)).float() * self.scale + w.mask  # [W, KVH, G, L]
-        probs = torch.softmax(scores, dim=-1).to(vs.dtype)
-        out = torch.matmul(probs, vs).reshape(w.width, self.q_size)
+        # views: a workspace row's heads are one head's size apart, rows KVH times that
+        kt = kw[: w.width, :, :, : w.lmax].flatten(0, 1)  # [W * KVH, D, L]
+        vs = vw[: w.width, :, : w.lmax].flatten(0, 1)  # [W * KVH, L, D]
+        # matmul, scale and mask in one op
+        scores = torch.baddbmm(w.mask, qw.reshape(-1, group, d), kt, alpha=self.scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype)
+        out = torch.bmm(probs, vs).reshape(w.width, self.q_size)
         return out if w.rows is None else out.index_select(0, w.rows)
 
     def _decode_group(self, q: torch.Tensor, g: DecodeGroup, kv: KVPool) -> torch.Tensor:
