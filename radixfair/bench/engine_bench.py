@@ -11,8 +11,11 @@ batch), and batch-1 decode in every weight format, with the weight bytes each ac
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -211,6 +214,17 @@ def hf_b1_decode(model: Any, prompt: list[int], n: int, device: torch.device) ->
     return (gen(n) - gen(1)) / (n - 1)
 
 
+def llama_cpp_b1(python: str, gguf: str, prompt_len: int, steps: int) -> dict[str, float]:
+    """llama.cpp's batch-1 decode ms/token and prefill tok/s on `gguf`, run by `python` (an interpreter
+    with llama-cpp-python: a scratch venv, never this project's) with as many threads as torch uses."""
+    probe = Path(__file__).with_name("llama_cpp_probe.py")
+    args = [python, str(probe), gguf, str(prompt_len), str(steps), str(torch.get_num_threads())]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp probe failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main(ns: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -247,6 +261,12 @@ def main(ns: argparse.Namespace) -> int:
         print(f"transformers: {t_hf:.1f} s")
         del hf
 
+        llama_cpp: dict[str, float] = {}
+        if ns.llama_cpp_python:
+            if not str(engine.model_path).endswith(".gguf"):
+                raise SystemExit("--llama-cpp-python needs a GGUF model")
+            llama_cpp = llama_cpp_b1(ns.llama_cpp_python, str(engine.model_path), len(b1_prompt), ns.b1_tokens)
+            print(f"llama.cpp: batch-1 decode {llama_cpp['decode_ms_per_token_b1']:.1f} ms/token")
         copy_bw = copy_bandwidth(device)
         decode_bw = weight_bytes / rf_b1
         by_quant = {mode: rf_b1, f"{mode}_bytes": weight_bytes}
@@ -280,6 +300,9 @@ def main(ns: argparse.Namespace) -> int:
                                             for m in QUANT_MODES if m in by_quant},
             "weight_bytes_by_quant": {m: int(by_quant[f"{m}_bytes"]) for m in QUANT_MODES if m in by_quant},
         }
+        if llama_cpp:
+            row["llama_cpp_decode_ms_per_token_b1"] = llama_cpp["decode_ms_per_token_b1"]
+            row["llama_cpp_prefill_tok_s"] = llama_cpp["prefill_tok_s"]
     finally:
         engine.shutdown()
     print_table(
@@ -296,6 +319,9 @@ def main(ns: argparse.Namespace) -> int:
             *[[f"decode ms/token b1, {m}", f"{ms:.1f}", "",
                f"{row['bandwidth_fraction_by_quant'][m]:.0%} of copy"]
               for m, ms in row["decode_ms_per_token_b1_by_quant"].items()],
+            *([["llama.cpp decode ms/token b1", "", f"{row['llama_cpp_decode_ms_per_token_b1']:.1f}",
+                f"radixfair {row['decode_ms_per_token_b1'] / row['llama_cpp_decode_ms_per_token_b1']:.2f}x"]]
+              if "llama_cpp_decode_ms_per_token_b1" in row else []),
         ],
     )
     write_json(ns.json, row)
@@ -311,5 +337,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--skip-quant-sweep", action="store_true",
                    help="measure batch-1 decode in the engine's own weight format only")
+    p.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+                   help="also measure llama.cpp's batch-1 decode on the same GGUF, run by PYTHON (an interpreter "
+                        "with llama-cpp-python installed, e.g. a scratch venv's)")
     add_flags(p.add_argument_group("engine"), EngineArgs, only=ENGINE_FLAGS, defaults={"max_total_tokens": 65536})
     p.set_defaults(func=main)
