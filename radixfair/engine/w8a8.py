@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+SMALL_PASS = 64  # rows up to which a layer keeps its input buffer between calls
 # SmoothQuant's migration strength: how much of the activations' range moves into the weights
 SMOOTH_ALPHA = 0.7
 CALIBRATION_TEXT = (
@@ -86,12 +87,23 @@ class FbgemmW8A8:
         self.anchor = torch.zeros(k)
         self.anchor[0], self.anchor[min(1, k - 1)] = 1.0, -1.0
         self.reduce_range = not cpu_has_int8_dot()
+        self._small: torch.Tensor | None = None
         self.nbytes = q.numel() + scale.numel() * 4 + (0 if inv_smooth is None else inv_smooth.numel() * 4)
 
+    def _buffer(self, t: int) -> torch.Tensor:
+        """`[t + 1, K]`: the anchor row, then room for the rows (no concatenation pass). Kept between
+        calls for decode-sized passes, where an allocation and a copy are a measurable share."""
+        if self._small is not None and t < self._small.shape[0]:
+            return self._small[: t + 1]
+        buf = torch.empty(max(t + 1, SMALL_PASS if t < SMALL_PASS else 0), self.anchor.shape[0])
+        buf[0] = self.anchor
+        if t < SMALL_PASS:
+            self._small = buf
+        return buf[: t + 1]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        buf = torch.empty(t + 1, x.shape[1])  # the rows, then the anchor: no concatenation pass
-        rows = buf[:t]
+        buf = self._buffer(x.shape[0])
+        rows = buf[1:]
         if self.inv_smooth is None:
             s = absmax_rows(x.float())
             torch.div(x, s, out=rows)
@@ -99,9 +111,8 @@ class FbgemmW8A8:
             torch.mul(x, self.inv_smooth, out=rows)
             s = absmax_rows(rows)
             rows.div_(s)
-        buf[t] = self.anchor
         y = torch.ops.quantized.linear_dynamic(buf, self.packed, self.reduce_range)
-        return y[:t].mul_(s).to(x.dtype)
+        return y[1:].mul_(s).to(x.dtype)
 
 
 class IntMmW8A8:
