@@ -117,12 +117,9 @@ class DecodeWorkspace:
         heads = torch.arange(kvh, device=dev)
         base = (slots_t.unsqueeze(1) * kvh + heads).view(-1)  # [B * kv_heads] (row, head) of each new K/V
         write_index = base * self.capacity + pos_t.repeat_interleave(kvh)
-        d = self.kv.k[0].shape[2]
         # K is held transposed, [.., head_dim, capacity] (the scores' matmul reads it ~1.7x faster
-        # that way on a CPU): a new key is a column, its elements `capacity` apart
-        pos_h = pos_t.repeat_interleave(kvh).unsqueeze(1)
-        k_write_index = (base.unsqueeze(1) * (d * self.capacity) + torch.arange(d, device=dev) * self.capacity
-                         + pos_h).view(-1)
+        # that way on a CPU): a new key is a column, written through a [row, head, position] view
+        k_write = (slots_t.repeat_interleave(kvh), heads.repeat(len(slots)), pos_t.repeat_interleave(kvh))
         lens = torch.ones(width, dtype=torch.int64, device=dev)  # rows outside the batch: one column
         lens[slots_t] = pos_t + 1
         valid = torch.arange(lmax, device=dev).unsqueeze(0) < lens.unsqueeze(1)
@@ -130,7 +127,7 @@ class DecodeWorkspace:
         mask = torch.zeros(width, lmax, dtype=dtype, device=dev).masked_fill_(~valid, float("-inf"))
         mask = mask.repeat_interleave(kvh, dim=0).unsqueeze(1)  # [width * kv_heads, 1, lmax]
         identity = slots == list(range(len(slots)))
-        return WorkspaceStep(self.k, self.v, write_index, k_write_index, None if identity else slots_t, width, lmax,
+        return WorkspaceStep(self.k, self.v, write_index, k_write, None if identity else slots_t, width, lmax,
                              mask)
 
     def _grow(self, rows_cap: int, cap: int) -> None:

@@ -48,7 +48,7 @@ class WorkspaceStep:
     k: list[torch.Tensor]  # per layer [rows_cap, kv_heads, head_dim, capacity]: transposed
     v: list[torch.Tensor]  # per layer [rows_cap, kv_heads, capacity, head_dim]
     write_index: torch.Tensor  # [B * kv_heads] flat (row, head, position) of each new token's V
-    k_write_index: torch.Tensor  # [B * kv_heads * head_dim] flat offsets of each new key's elements
+    k_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (row, head, position) of each new key, [B * kv_heads]
     rows: torch.Tensor | None  # [B] workspace row of each batch row; None: rows 0..B-1 in order
     width: int  # rows 0..width-1 are multiplied (rows not in the batch attend to their position 0)
     lmax: int  # columns multiplied: the longest context in the batch

@@ -134,7 +134,7 @@ class Attention(nn.Module):
         with no gather."""
         kw, vw = w.k[self.layer_id], w.v[self.layer_id]  # [R, KVH, D, C] (K transposed), [R, KVH, C, D]
         d = self.head_dim
-        kw.view(-1).index_copy_(0, w.k_write_index, k.reshape(-1))
+        kw.permute(0, 1, 3, 2).index_put_(w.k_write, k.reshape(-1, d))
         vw.view(-1, d).index_copy_(0, w.write_index, v.reshape(-1, d))
         group = self.num_heads // self.num_kv_heads
         b = q.shape[0]
