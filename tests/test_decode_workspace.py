@@ -4,6 +4,7 @@ mixed prefill, cascade prefixes and radix-cache reuse."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,24 @@ def with_reqs(batch: ScheduledBatch, reqs: dict[int, Req]) -> ScheduledBatch:
     return batch
 
 
-def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("sorting", ["default", "always"])
+def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(
+        tiny_llama: Path, sorting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radixfair.engine import decode_workspace
+
+    if sorting == "always":  # rows re-sorted at every join or finish, several length groups every step
+        monkeypatch.setattr(decode_workspace, "SORT_HORIZON", 10_000)
+        monkeypatch.setattr(decode_workspace, "GROUP_OVERHEAD", 0)
+    seen_groups: list[int] = []
+    prepare = decode_workspace.DecodeWorkspace.prepare
+
+    def spy(self: Any, *args: Any) -> Any:
+        got = prepare(self, *args)
+        if got is not None:
+            seen_groups.append(len(got.groups))
+        return got
+
+    monkeypatch.setattr(decode_workspace.DecodeWorkspace, "prepare", spy)
     rng = np.random.default_rng(11)
     seqs = [rng.integers(3, 300, n).tolist() for n in (60, 300, 80, 330, 90)]
     gather, ws = runner(tiny_llama, 0), runner(tiny_llama, 1 << 16)
@@ -84,6 +102,24 @@ def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(tiny
     assert ws.workspace is not None and ws.workspace.capacity == 512  # grew past 256 as contexts did
     # rows that kept decoding were appended, not refilled: their filled length is their context
     assert ws.workspace._by_row[1].filled == pos[1]
+    if sorting == "always":
+        assert max(seen_groups) > 1
+        slots = {row: e.slot for row, e in ws.workspace._by_row.items()}
+        assert sorted(slots.values()) == list(range(len(pos)))  # compact, longest first
+        assert [row for row, _ in sorted(slots.items(), key=lambda kv: kv[1])] == sorted(pos, key=lambda r: -pos[r])
+
+
+def test_length_groups_are_contiguous_and_pay_for_their_overhead() -> None:
+    from radixfair.engine.decode_workspace import GROUP_OVERHEAD, length_groups
+
+    assert length_groups(np.array([500, 499, 498, 497])) == ((0, 4, 500),)  # equal lengths: one group
+    lens = np.array([2000, 1900, 1800, 1700, 40, 30, 20, 10])
+    groups = length_groups(lens)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lens)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+    assert all(c == lens[a] for a, _, c in groups)  # each group reads up to its longest row
+    read = sum((b - a) * c for a, b, c in groups) + (len(groups) - 1) * GROUP_OVERHEAD
+    assert groups == ((0, 4, 2000), (4, 8, 40)) and read < 0.6 * len(lens) * 2000
 
 
 def test_workspace_with_a_cascade_prefix_and_past_its_bound(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,13 +143,18 @@ class Attention(nn.Module):
         else:
             qw = q.new_zeros(w.width, self.num_heads, d).index_copy_(0, w.rows, q.reshape(b, self.num_heads, d))
             qw = qw.view(w.width, self.num_kv_heads, group, d)
-        # views: a workspace row's heads are one head's size apart, rows KVH times that
-        kt = kw[: w.width, :, :, : w.lmax].flatten(0, 1)  # [W * KVH, D, L]
-        vs = vw[: w.width, :, : w.lmax].flatten(0, 1)  # [W * KVH, L, D]
-        # matmul, scale and mask in one op
-        scores = torch.baddbmm(w.mask, qw.reshape(-1, group, d), kt, alpha=self.scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype)
-        out = torch.bmm(probs, vs).reshape(w.width, self.q_size)
+        q3 = qw.reshape(-1, group, d)  # [W * KVH, G, D]
+        kvh = self.num_kv_heads
+        out = q3.new_empty(q3.shape)
+        for a, b, cols in w.groups or ((0, w.width, w.lmax),):
+            # views: a workspace row's heads are one head's size apart, rows KVH times that
+            kt = kw[a:b, :, :, :cols].flatten(0, 1)  # [rows * KVH, D, cols]
+            vs = vw[a:b, :, :cols].flatten(0, 1)  # [rows * KVH, cols, D]
+            # matmul, scale and mask in one op
+            scores = torch.baddbmm(w.mask[a * kvh : b * kvh, :, :cols], q3[a * kvh : b * kvh], kt, alpha=self.scale)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vs.dtype)
+            torch.bmm(probs, vs, out=out[a * kvh : b * kvh])
+        out = out.reshape(w.width, self.q_size)
         return out if w.rows is None else out.index_select(0, w.rows)
 
     def _decode_group(self, q: torch.Tensor, g: DecodeGroup, kv: KVPool) -> torch.Tensor:
