@@ -13,7 +13,8 @@ from radixfair.bench.report import print_table, write_json
 from radixfair.config_flags import add_flags, flag_values
 from radixfair.engine_args import EngineArgs
 
-ENGINE_FLAGS = ("model", "dtype", "max_total_tokens", "max_running_requests", "num_threads")
+ENGINE_FLAGS = ("model", "dtype", "quantization", "disable_activation_quant", "max_total_tokens", "max_running_requests",
+                "num_threads")
 
 
 def make_requests(num: int, prefix_len: int, suffix_len: int, vocab: int, seed: int) -> list[list[int]]:
