@@ -133,15 +133,9 @@ class DecodeWorkspace:
         if stale:
             self._fill(stale, table)
         lens_np = np.asarray(positions, dtype=np.int64) + 1
-        slots = self._sort(rows, slots, lens_np)
+        slots, groups = self._sort(rows, slots, lens_np)
         width = max(slots) + 1
         lmax = need_cap
-        groups: tuple[tuple[int, int, int], ...] = ((0, width, lmax),)
-        if width == len(slots):  # compact: group only rows sorted longest first
-            by_slot = np.empty(width, dtype=np.int64)
-            by_slot[slots] = lens_np
-            if bool((np.diff(by_slot) <= 0).all()):
-                groups = length_groups(by_slot)
         slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         kvh = self.kv.k[0].shape[0]
@@ -161,20 +155,26 @@ class DecodeWorkspace:
         return WorkspaceStep(self.k, self.v, write_index, k_write, None if identity else slots_t, width, lmax,
                              mask, groups)
 
-    def _sort(self, rows: list[int], slots: list[int], lens: np.ndarray) -> list[int]:
-        """Move the batch's rows to slots 0..n-1, longest first, when that pays (see SORT_HORIZON);
-        returns each batch row's slot."""
+    def _sort(self, rows: list[int], slots: list[int],
+              lens: np.ndarray) -> tuple[list[int], tuple[tuple[int, int, int], ...]]:
+        """Move the batch's rows to slots 0..n-1, longest first, when that pays (see SORT_HORIZON).
+        Returns each batch row's slot and the attention groups: length groups over sorted rows, else
+        one group of every slot up to the widest."""
         n = len(slots)
         order = np.argsort(-lens, kind="stable")  # batch indices, longest first
+        groups = length_groups(lens[order])
+        lmax = int(lens.max())
+        width = max(slots) + 1
+        if width == n:  # compact: sorted if the lengths do not rise along the slots (ties in any order)
+            by_slot = np.empty(n, dtype=np.int64)
+            by_slot[slots] = lens
+            if bool((np.diff(by_slot) <= 0).all()):
+                return slots, groups
+        grouped = sum((b - a) * c for a, b, c in groups)
+        if (width * lmax - grouped) * SORT_HORIZON <= 2 * n * lmax:  # a move reads and writes K and V
+            return slots, ((0, width, lmax),)
         target = np.empty(n, dtype=np.int64)
         target[order] = np.arange(n)
-        if target.tolist() == slots:
-            return slots
-        lmax = int(lens.max())
-        now = (max(slots) + 1) * lmax
-        grouped = sum((b - a) * c for a, b, c in length_groups(lens[order]))
-        if (now - grouped) * SORT_HORIZON <= 2 * n * lmax:  # a move reads and writes K and V
-            return slots
         dev = self.kv.k[0].device
         perm = torch.tensor([slots[i] for i in order], dtype=torch.int64, device=dev)
         for i in range(self.kv.num_layers):
@@ -183,7 +183,7 @@ class DecodeWorkspace:
             v[:n, :, :lmax].copy_(v[:, :, :lmax].index_select(0, perm))
         for row, new in zip(rows, target.tolist(), strict=True):
             self._by_row[row].slot = new
-        return target.tolist()
+        return target.tolist(), groups
 
     def _grow(self, rows_cap: int, cap: int) -> None:
         kvh, d = self.kv.k[0].shape[0], self.kv.k[0].shape[2]

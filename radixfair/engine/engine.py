@@ -153,7 +153,7 @@ class Engine:
         logger.info("loaded %s on %s: %s, quantization %s (%s), %.0f MB of weights read per batch-1 decode step%s",
                     self.model_names.source, self.device, str(self.dtype).replace("torch.", ""),
                     self.quantization.mode, self.quantization.reason,
-                    self.runner.model.weight_bytes_per_decode_step() / 1e6, self._dense_note())
+                    self.runner.model.weight_bytes_per_decode_step() / 1e6, self._copies_note())
         if self.grammar.backend is not None:
             self.runner.token_masks = self.grammar.masks
         self.scheduler_config = args.scheduler_config(max_total, self.context_len)
@@ -179,7 +179,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="radixfair-scheduler", daemon=True)
         self._thread.start()
 
-    def _dense_note(self) -> str:
+    def _copies_note(self) -> str:
         extra = self.runner.copy_bytes()
         paths = {p: r for p, r in self.runner.path_rows().items() if p != "weight_only"}
         if not paths:

@@ -54,7 +54,7 @@ class WorkspaceStep:
     lmax: int  # columns multiplied: the longest context in the batch
     mask: torch.Tensor  # [width * kv_heads, 1, lmax] additive (0 or -inf), in the model's dtype
     # (start, end, columns): workspace rows start..end-1 are read up to `columns` (rows sorted by length)
-    groups: tuple[tuple[int, int, int], ...] = ()
+    groups: tuple[tuple[int, int, int], ...]
 
 
 @dataclass

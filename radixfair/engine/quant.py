@@ -36,12 +36,8 @@ logger = logging.getLogger(__name__)
 QUANT_MODES = ("auto", "none", "int8", "int4")
 QUANT_KINDS = ("int8", "int4")
 INT4_GROUP = 32  # a Q4_0 / Q4_1 block: a GGUF's groups map one to one
-NEVER = 1 << 62  # a row count no pass reaches
 # row counts `tune_paths` times; past the largest, the largest's choice holds
 TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# how a layer multiplies: its quantized codes through a weight-only kernel, int8 x int8 with
-# quantized activations, or its dense dequantized copy
-PATHS = ("weight_only", "w8a8", "dense")
 # layers of one shape timed together when tuning: enough weight bytes to leave the caches, as a
 # decode step, which reads every layer once, does
 TUNE_LAYERS = 12
@@ -274,10 +270,6 @@ class QuantLinear(nn.Module):
         if "w8a8" not in used:
             self.w8a8 = None
 
-    @property
-    def dense_min_rows(self) -> int:
-        return next((r for r, p in self.route if p == "dense"), NEVER)
-
     def drop_dense(self) -> None:
         self.set_route([(r, p) for r, p in self.route if p != "dense"] or [(1, "weight_only")])
 
@@ -364,11 +356,9 @@ def tune_paths(layers: list[QuantLinear], reps: int = 5) -> dict[tuple[int, int,
         by_key.setdefault((layer.out_features, layer.in_features, layer.kind), []).append(layer)
     found: dict[tuple[int, int, str], list[tuple[int, str]]] = {}
     for key, group in by_key.items():
-        if len(group[0].available_paths()) == 1:
-            found[key] = [(1, group[0].available_paths()[0])]
-        else:
-            found[key] = measure_route(group, reps)
+        paths = group[0].available_paths()
+        route = [(1, paths[0])] if len(paths) == 1 else measure_route(group, reps)
         for layer in group:
-            layer.set_route(found[key])
-        found[key] = group[0].route
+            layer.set_route(route)
+        found[key] = group[0].route  # as set: runs of one path merged
     return found

@@ -72,6 +72,11 @@ def absmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-20)
 
 
+def _nbytes(q: torch.Tensor, scale: torch.Tensor, inv_smooth: torch.Tensor | None) -> int:
+    """What a W8A8 matmul reads per pass: int8 codes, float32 scales and smoothing factors."""
+    return q.numel() + scale.numel() * 4 + (0 if inv_smooth is None else inv_smooth.numel() * 4)
+
+
 def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
@@ -88,7 +93,7 @@ class FbgemmW8A8:
         self.anchor[0], self.anchor[min(1, k - 1)] = 1.0, -1.0
         self.reduce_range = not cpu_has_int8_dot()
         self._small: torch.Tensor | None = None
-        self.nbytes = q.numel() + scale.numel() * 4 + (0 if inv_smooth is None else inv_smooth.numel() * 4)
+        self.nbytes = _nbytes(q, scale, inv_smooth)
 
     def _buffer(self, t: int) -> torch.Tensor:
         """`[t + 1, K]`: the anchor row, then room for the rows (no concatenation pass). Kept between
@@ -120,7 +125,7 @@ class IntMmW8A8:
         self.inv_smooth = inv_smooth
         self.q = q  # [N, K]; its transpose is the [K, N] operand
         self.scale = scale.float()
-        self.nbytes = q.numel() + scale.numel() * 4 + (0 if inv_smooth is None else inv_smooth.numel() * 4)
+        self.nbytes = _nbytes(q, scale, inv_smooth)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if self.inv_smooth is None else x.float() * self.inv_smooth

@@ -146,7 +146,7 @@ class Attention(nn.Module):
         q3 = qw.reshape(-1, group, d)  # [W * KVH, G, D]
         kvh = self.num_kv_heads
         out = q3.new_empty(q3.shape)
-        for a, b, cols in w.groups or ((0, w.width, w.lmax),):
+        for a, b, cols in w.groups:
             # views: a workspace row's heads are one head's size apart, rows KVH times that
             kt = kw[a:b, :, :, :cols].flatten(0, 1)  # [rows * KVH, D, cols]
             vs = vw[a:b, :, :cols].flatten(0, 1)  # [rows * KVH, cols, D]
