@@ -65,13 +65,15 @@ class EngineArgs:
     dtype: str = flag("auto", "weights and activations; auto: bfloat16 on CUDA and on CPUs with native "
                               "bf16, float32 on other CPUs", choices=DTYPES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
-    quantization: str = flag("auto", "weights kept quantized: int8 (per channel) or int4 (groups of 32) weight-only "
-                                     "matmuls, with int8 x int8 or dense matmuls for batches where those are "
-                                     "faster (measured at load); auto: int4 for a Q4_* GGUF, int8 for Q8_0, none "
-                                     "for safetensors", choices=QUANTIZATIONS)
-    disable_activation_quant: bool = flag(False, "quantized layers never quantize activations: larger batches "
-                                                 "use the dense copy, not int8 x int8 matmuls with per-token "
-                                                 "int8 activations")
+    quantization: str = flag("auto", "weights kept quantized: int8 (per channel) or int4 (groups of 32), "
+                                     "multiplied by PyTorch's weight-only kernels, AVX512-VNNI kernels with "
+                                     "int8 activations, int8 x int8 or dense matmuls, whichever is fastest per "
+                                     "pass size (measured at load); auto: int4 for a Q4_* GGUF, int8 for Q8_0, "
+                                     "none for safetensors", choices=QUANTIZATIONS)
+    disable_activation_quant: bool = flag(False, "quantized layers never quantize activations: only PyTorch's "
+                                                 "weight-only kernels and the dense copy, not the VNNI kernels "
+                                                 "(int8 activations per 32 inputs) or int8 x int8 matmuls "
+                                                 "(per-token int8 activations)")
     enable_torch_compile: bool = flag(False, "compile the decode step's layers with torch.compile (slow first "
                                              "steps per batch size; off by default: see README, Engine speed)")
     enable_mixed_chunk: bool = flag(False, "decode steps of running requests ride along with a prefill chunk "
@@ -81,6 +83,9 @@ class EngineArgs:
     decode_workspace_tokens: int = flag(32768, "bound (rows x per-row capacity, in tokens) of the contiguous copy "
                                                "of decoding requests' K/V that decode attention reads without a "
                                                "gather; past it, or 0, decode gathers from the paged pool")
+    single_thread_pass_tokens: int = flag(16, "CPU passes of at most this many tokens run on one thread: their "
+                                              "ops are too small to pay for the others' wake-ups; 0: every pass "
+                                              "uses --num-threads")
     max_total_tokens: int | None = flag(None, "KV pool size in tokens", none_means="from --mem-fraction-static")
     mem_fraction_static: float | None = flag(None, "memory share for the KV pool when --max-total-tokens is not given",
                                              none_means="0.85 on CUDA, 0.15 of RAM on CPU")
@@ -138,6 +143,8 @@ class EngineArgs:
             raise ValueError(f"--cuda-graph-max-bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.decode_workspace_tokens < 0:
             raise ValueError(f"--decode-workspace-tokens must be >= 0, got {self.decode_workspace_tokens}")
+        if self.single_thread_pass_tokens < 0:
+            raise ValueError(f"--single-thread-pass-tokens must be >= 0, got {self.single_thread_pass_tokens}")
         if self.tp_size != 1:
             raise ValueError(f"--tp-size {self.tp_size}: tensor parallelism is not supported; {TP_HINT}")
 

@@ -26,11 +26,14 @@ from radixfair.engine.quant import (
     resolve_quantization,
     tune_paths,
 )
+from radixfair.engine.vnni import vnni_kernels
 from radixfair.engine.w8a8 import CALIBRATION_TEXT, FbgemmW8A8, IntMmW8A8, make_w8a8
 
 WEIGHT_ONLY: tuple[tuple[int, str], ...] = ((1, "weight_only"),)
 DENSE: tuple[tuple[int, str], ...] = ((1, "dense"),)
 W8A8: tuple[tuple[int, str], ...] = ((1, "w8a8"),)
+VNNI: tuple[tuple[int, str], ...] = ((1, "vnni"),)
+requires_vnni = pytest.mark.skipif(vnni_kernels() is None, reason="no AVX512-VNNI CPU or no C compiler here")
 
 # The quantized kernels run on 16-bit activations (see QuantLinear.kernel_dtype): against a float32
 # product with the same (dequantized) weights they may differ by bf16 rounding of the inputs and
@@ -213,7 +216,7 @@ def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("route", [WEIGHT_ONLY, W8A8])
+@pytest.mark.parametrize("route", [WEIGHT_ONLY, W8A8, pytest.param(VNNI, marks=requires_vnni)])
 def test_quantized_model_matches_the_dequantized_model(tiny_llama_tied: Path, mode: str,
                                                        route: tuple[tuple[int, str], ...]) -> None:
     """Same quantized weights through the kernels (weight-only, or int8 x int8) and through the dense
@@ -225,7 +228,10 @@ def test_quantized_model_matches_the_dequantized_model(tiny_llama_tied: Path, mo
     dense = _prefill_logits(_runner(tiny_llama_tied, mode, DENSE), ids)
     tol = KERNEL_RTOL if route == WEIGHT_ONLY else 2 * W8A8_RTOL  # int8 activations, int8 re-rounding (int4)
     assert float((kernels - dense).abs().max()) <= tol * float(dense.abs().max())
-    assert float((kernels.argmax(-1) == dense.argmax(-1)).float().mean()) >= 0.9
+    # a tiny random model's logits are nearly flat: int8 activations (W8A8, VNNI) flip a few argmaxes
+    # (over 8 prompts: 83-100% agreement, mean 94-96%); a broken kernel agrees nowhere
+    agree = 0.9 if route == WEIGHT_ONLY else 0.8
+    assert float((kernels.argmax(-1) == dense.argmax(-1)).float().mean()) >= agree
     none = _prefill_logits(_runner(tiny_llama_tied, "none", None), ids)
     assert not torch.equal(none, dense)  # the quantized model is a different (nearby) model
 
@@ -257,7 +263,7 @@ NATURAL = [
 
 @requires_real_model
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("route", [WEIGHT_ONLY, W8A8])
+@pytest.mark.parametrize("route", [WEIGHT_ONLY, W8A8, pytest.param(VNNI, marks=requires_vnni)])
 def test_real_model_top1_agrees_with_the_unquantized_model(mode: str, route: tuple[tuple[int, str], ...]) -> None:
     from radixfair.tokenizer import Tokenizer
 

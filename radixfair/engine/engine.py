@@ -145,7 +145,8 @@ class Engine:
             RunnerConfig(max_total, args.max_running_requests, self.context_len, self.quantization.mode,
                          args.quant_route, args.enable_torch_compile,
                          0 if args.disable_cuda_graph else args.cuda_graph_max_bs, args.decode_workspace_tokens,
-                         not args.disable_activation_quant, tuple(self.tokenizer.encode(CALIBRATION_TEXT))),
+                         not args.disable_activation_quant, tuple(self.tokenizer.encode(CALIBRATION_TEXT)),
+                         args.single_thread_pass_tokens),
             self.dtype,
             self.device,
         )
@@ -184,8 +185,9 @@ class Engine:
         paths = {p: r for p, r in self.runner.path_rows().items() if p != "weight_only"}
         if not paths:
             return ""
-        where = ", ".join(f"{'int8 x int8' if p == 'w8a8' else p} from {r} tokens" for p, r in sorted(paths.items()))
-        return f"; larger passes: {where}; their copies take {extra / 1e6:.0f} MB more"
+        names = {"w8a8": "int8 x int8", "vnni": "VNNI int8-activation kernels"}
+        where = ", ".join(f"{names.get(p, p)} from {r} tokens" for p, r in sorted(paths.items(), key=lambda pr: pr[1]))
+        return f"; passes beside the weight-only kernels: {where}; their copies take {extra / 1e6:.0f} MB more"
 
     # ---- the contract: EngineRequest -> TokenizedRequest -> EngineOutput ------------------------
     def tokenize(self, req: EngineRequest) -> TokenizedRequest:

@@ -21,6 +21,7 @@ from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
 from radixfair.engine.quant import QuantLinear, tune_paths
 from radixfair.engine.sampler import Sampler
+from radixfair.engine.vnni import vnni_kernels
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.request import Req
 
@@ -83,10 +84,12 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 0  # decode batches up to this replay captured CUDA graphs; 0: never
     # bound (rows x capacity, tokens) of the contiguous decode K/V workspace; 0: decode gathers from the pool
     decode_workspace_tokens: int = 0
-    # quantized layers may multiply int8 codes by int8 per-token activations where that is faster
+    # quantized layers may multiply their codes by int8 activations (W8A8, VNNI) where that is faster
     activation_quant: bool = True
     # tokens of a text whose activations set the int8 activations' smoothing (none: unsmoothed)
     calibration_ids: tuple[int, ...] = ()
+    # CPU passes of at most this many tokens run on one thread (0: never)
+    single_thread_pass_tokens: int = 0
 
 
 def auto_max_total_tokens(
@@ -121,6 +124,10 @@ class ModelRunner:
         self.config = model_config
         self.device = device
         self.dtype = dtype
+        # torch's threads as configured (read here, on the thread that set them: a pass may lower the
+        # count on the thread that runs it, see `_pass_threads`)
+        self.threads = torch.get_num_threads()
+        self.single_thread_tokens = runner_config.single_thread_pass_tokens if device.type == "cpu" else 0
         torch.manual_seed(0)
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
@@ -160,17 +167,23 @@ class ModelRunner:
 
     def _quantize(self, cfg: RunnerConfig) -> None:
         route = cfg.quant_route
-        paths = {"w8a8", "dense"} if route is None else {p for _, p in route}
+        paths = {"vnni", "w8a8", "dense"} if route is None else {p for _, p in route}
         w8a8 = "w8a8" in paths and cfg.activation_quant
         stats = self._input_absmax(cfg.calibration_ids) if w8a8 and cfg.calibration_ids else None
         self.quant_layers = self.model.quantize(cfg.quantization, keep_dense="dense" in paths, w8a8=w8a8,
-                                                act_absmax=stats)
+                                                act_absmax=stats, vnni="vnni" in paths and cfg.activation_quant)
         if route is not None:
             for q in self.quant_layers:
                 q.set_route(route)
             return
         t = time.perf_counter()
-        routes = tune_paths(self.quant_layers)
+        # a path is timed on the threads a pass of its size will run on
+        threads = self._pass_threads if self.single_thread_tokens else None
+        try:
+            routes = tune_paths(self.quant_layers, pass_threads=threads)
+        finally:
+            if threads is not None:
+                threads(self.single_thread_tokens + 1)
         logger.info("quantized layers' paths by pass size (tokens), measured in %.1f s: %s",
                     time.perf_counter() - t,
                     "; ".join(f"{n}x{k} {kind}: " + ", ".join(f"{p} from {r}" for r, p in rt)
@@ -207,7 +220,19 @@ class ModelRunner:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)
 
+    def _pass_threads(self, tokens: int) -> None:
+        """One thread for a small CPU pass: its hundreds of small ops (and even its weight streaming,
+        on a few cores) lose more to waking and joining the other threads than they gain."""
+        n = 1 if tokens <= self.single_thread_tokens else self.threads
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        kernels = vnni_kernels() if self.quant_layers and self.device.type == "cpu" else None
+        if kernels is not None:
+            kernels.threads = n
+
     def run(self, batch: ScheduledBatch) -> BatchOutput:
+        if self.single_thread_tokens:
+            self._pass_threads(batch.num_tokens)
         fb = self._prepare(batch)
         logits = self.graphs.run(fb) if self.graphs is not None else None
         if logits is None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixfair.engine.vnni import Q4Weights, Q8Weights, supports_shape, vnni_kernels
 from radixfair.engine.w8a8 import W8A8Matmul, make_w8a8, smoothing
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class QuantLinear(nn.Module):
     """`y = x @ W.T + b` with W held as int8 or int4 codes (see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, dtype: torch.dtype,
-                 keep_dense: bool = True, w8a8: bool = False, act_absmax: torch.Tensor | None = None) -> None:
+                 keep_dense: bool = True, w8a8: bool = False, act_absmax: torch.Tensor | None = None,
+                 vnni: bool = False) -> None:
         super().__init__()
         if kind not in QUANT_KINDS:
             raise ValueError(f"unknown quantized weight kind {kind!r}")
@@ -136,6 +138,9 @@ class QuantLinear(nn.Module):
         self.dtype = dtype
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype), persistent=False)
+        # the same codes in the VNNI kernels' layout (see `radixfair.engine.vnni`), where they run
+        kernels = vnni_kernels() if vnni and device.type == "cpu" and supports_shape(*weight.shape) else None
+        self.vnni: Q4Weights | Q8Weights | None = None
         if kind == "int8":
             q, scale = quantize_int8(weight)
             scale = scale.to(self.kernel_dtype)  # what the kernel multiplies by: the dense copy uses the same
@@ -143,10 +148,14 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", scale, persistent=False)
             self._kernel_fn: Callable[[torch.Tensor], torch.Tensor] = self._int8_kernel
             dense = dequantize_int8(q, scale, dtype)
+            if kernels is not None:
+                self.vnni = Q8Weights.pack(q, scale)
         else:
             q, scale, zero = quantize_int4(weight)
             scale, zero = scale.to(self.kernel_dtype), zero.to(self.kernel_dtype)
             dense = dequantize_int4(q, scale, zero, dtype)
+            if kernels is not None:
+                self.vnni = Q4Weights.pack(q, scale, zero)
             # [K/group, N, 2]: the scales-and-zeros layout of the int4 kernels
             self.register_buffer("scale_zeros", torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous(),
                                  persistent=False)
@@ -225,18 +234,30 @@ class QuantLinear(nn.Module):
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized(), self.bias)
 
+    def vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = vnni_kernels()
+        assert self.vnni is not None and kernels is not None
+        xf = x.float().contiguous()
+        if isinstance(self.vnni, Q4Weights):
+            y = kernels.q4_matmul(xf, self.vnni)
+        else:
+            y = kernels.q8_matmul(xf, self.vnni)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
     def w8a8_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.w8a8 is not None
         y = self.w8a8(x)
         return y if self.bias is None else y + self.bias
 
     def path_forward(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        return {"weight_only": self.quantized_forward, "w8a8": self.w8a8_forward,
+        return {"weight_only": self.quantized_forward, "vnni": self.vnni_forward, "w8a8": self.w8a8_forward,
                 "dense": self.dense_forward}[path]
 
     def available_paths(self) -> list[str]:
         paths = ["weight_only"] if self.has_kernel or self.dense is None else []
-        return paths + (["w8a8"] if self.w8a8 is not None else []) + (["dense"] if self.dense is not None else [])
+        return (paths + (["vnni"] if self.vnni is not None else []) + (["w8a8"] if self.w8a8 is not None else [])
+                + (["dense"] if self.dense is not None else []))
 
     def path_for(self, rows: int) -> str:
         return self.route[bisect.bisect_right(self.route, (rows, "~")) - 1][1]
@@ -247,6 +268,8 @@ class QuantLinear(nn.Module):
         path = self.path_for(x2.shape[0])
         if path == "dense":
             y = self.dense_forward(x2)
+        elif path == "vnni":
+            y = self.vnni_forward(x2)
         elif path == "w8a8":
             y = self.w8a8_forward(x2)
         else:
@@ -269,6 +292,8 @@ class QuantLinear(nn.Module):
             self.dense = None
         if "w8a8" not in used:
             self.w8a8 = None
+        if "vnni" not in used:
+            self.vnni = None
 
     def drop_dense(self) -> None:
         self.set_route([(r, p) for r, p in self.route if p != "dense"] or [(1, "weight_only")])
@@ -289,12 +314,15 @@ class QuantLinear(nn.Module):
             return self.dense.numel() * self.dense.element_size() + bias
         if path == "w8a8" and self.w8a8 is not None:
             return self.w8a8.nbytes + bias
+        if path == "vnni" and self.vnni is not None:
+            return self.vnni.nbytes + bias
         return self.quantized_bytes()
 
     def copy_bytes(self) -> int:
-        """Memory of the layer's other paths' copies (dense, int8), beside its codes."""
+        """Memory of the layer's other paths' copies (dense, int8, VNNI layout), beside its codes."""
         dense = 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
-        return dense + (0 if self.w8a8 is None else self.w8a8.nbytes)
+        return (dense + (0 if self.w8a8 is None else self.w8a8.nbytes)
+                + (0 if self.vnni is None else self.vnni.nbytes))
 
     def extra_repr(self) -> str:
         route = ", ".join(f"{p} from {r}" for r, p in self.route)
@@ -317,9 +345,11 @@ def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> flo
     return min(times)
 
 
-def measure_route(layers: Sequence[QuantLinear], reps: int = 5) -> list[tuple[int, str]]:
+def measure_route(layers: Sequence[QuantLinear], reps: int = 5,
+                  pass_threads: Callable[[int], None] | None = None) -> list[tuple[int, str]]:
     """The fastest path at each of TUNE_ROWS for layers of one shape, timed over up to TUNE_LAYERS
-    of them in turn (a single layer's weights stay in cache and flatter the bandwidth-bound paths)."""
+    of them in turn (a single layer's weights stay in cache and flatter the bandwidth-bound paths).
+    `pass_threads(rows)`, when given, sets the threads a pass of that size runs on."""
     group = list(layers[:TUNE_LAYERS])
     first = group[0]
     device = first.qweight.device
@@ -329,6 +359,8 @@ def measure_route(layers: Sequence[QuantLinear], reps: int = 5) -> list[tuple[in
     lo = 1
     with torch.inference_mode():
         for rows in TUNE_ROWS:
+            if pass_threads is not None:
+                pass_threads(rows)
             x = torch.randn(rows, first.in_features, generator=gen, device=device).to(first.dtype)
             timed = group if rows < 64 else group[:TUNE_LAYERS_LARGE]
             fns = {p: [layer.path_forward(p) for layer in timed] for p in paths}
@@ -348,16 +380,18 @@ def measure_route(layers: Sequence[QuantLinear], reps: int = 5) -> list[tuple[in
     return route
 
 
-def tune_paths(layers: list[QuantLinear], reps: int = 5) -> dict[tuple[int, int, str], list[tuple[int, str]]]:
+def tune_paths(layers: list[QuantLinear], reps: int = 5,
+               pass_threads: Callable[[int], None] | None = None) -> dict[tuple[int, int, str], list[tuple[int, str]]]:
     """Measure once per (shape, kind) and set every layer's route; copies no size uses are freed. A
-    layer without a weight-only kernel on its device never takes that path."""
+    layer without a weight-only kernel on its device never takes that path. `pass_threads`: as for
+    `measure_route`."""
     by_key: dict[tuple[int, int, str], list[QuantLinear]] = {}
     for layer in layers:
         by_key.setdefault((layer.out_features, layer.in_features, layer.kind), []).append(layer)
     found: dict[tuple[int, int, str], list[tuple[int, str]]] = {}
     for key, group in by_key.items():
         paths = group[0].available_paths()
-        route = [(1, paths[0])] if len(paths) == 1 else measure_route(group, reps)
+        route = [(1, paths[0])] if len(paths) == 1 else measure_route(group, reps, pass_threads)
         for layer in group:
             layer.set_route(route)
         found[key] = group[0].route  # as set: runs of one path merged

@@ -316,18 +316,20 @@ class LlamaForCausalLM(nn.Module):
         return found
 
     def quantize(self, kind: str, keep_dense: bool = True, w8a8: bool = False,
-                 act_absmax: dict[str, torch.Tensor] | None = None) -> list[QuantLinear]:
+                 act_absmax: dict[str, torch.Tensor] | None = None, vnni: bool = False) -> list[QuantLinear]:
         """Replace the projections by `kind` (int8 | int4) quantized layers, and the LM head by an
         int8 one (its errors go straight into the logits: a Q4 GGUF keeps it at Q8_0 too). Returns
         the new layers; `keep_dense` keeps their dequantized weights and `w8a8` an int8 x int8 path
-        (smoothed by `act_absmax`, from `input_absmax`), for large batches (see `radixfair.engine.quant`).
+        (smoothed by `act_absmax`, from `input_absmax`), for large batches, and `vnni` the codes in the
+        VNNI kernels' layout where they run (see `radixfair.engine.quant`).
         The LM head's int8 activations are not smoothed: its logits' argmax over the whole vocabulary
         is more sensitive to the weight error that smoothing adds than to the activations' error."""
         stats = act_absmax or {}
 
         def swap(lin: nn.Module, name: str, k: str) -> QuantLinear:
             assert isinstance(lin, nn.Linear)
-            return QuantLinear(lin.weight.detach(), lin.bias, k, lin.weight.dtype, keep_dense, w8a8, stats.get(name))
+            return QuantLinear(lin.weight.detach(), lin.bias, k, lin.weight.dtype, keep_dense, w8a8, stats.get(name),
+                               vnni)
 
         out: list[QuantLinear] = []
         for i, layer in enumerate(self.layers):
@@ -340,7 +342,7 @@ class LlamaForCausalLM(nn.Module):
             out += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         assert isinstance(w, torch.Tensor)
-        self.lm_head = QuantLinear(w.detach(), None, "int8", w.dtype, keep_dense, w8a8)
+        self.lm_head = QuantLinear(w.detach(), None, "int8", w.dtype, keep_dense, w8a8, vnni=vnni)
         out.append(self.lm_head)
         return out
 
