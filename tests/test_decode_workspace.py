@@ -15,6 +15,7 @@ import torch
 from test_engine import assert_idle_pool, gen, greedy, make_engine
 from test_model import DEVICE, SeqState, decode_batch, prefill_batch
 
+from radixfair.engine.decode_attention import native_decode_attention
 from radixfair.engine.engine import Engine
 from radixfair.engine.loaders import inspect_model, load_state_dict
 from radixfair.engine.model_runner import ModelRunner, RunnerConfig
@@ -48,9 +49,15 @@ def with_reqs(batch: ScheduledBatch, reqs: dict[int, Req]) -> ScheduledBatch:
     return batch
 
 
-@pytest.mark.parametrize("sorting", ["default", "always"])
+@pytest.mark.parametrize(("attention", "sorting"), [
+    ("tensor_ops", "default"), ("tensor_ops", "always"),
+    pytest.param("native", "default", marks=pytest.mark.skipif(native_decode_attention() is None,
+                                                              reason="no AVX512 CPU or no C compiler here")),
+])
 def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(
-        tiny_llama: Path, sorting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_llama: Path, attention: str, sorting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`attention`: the workspace read by tensor ops (rows sorted into length groups) or by the C
+    kernel (`radixfair.engine.decode_attention`, which also writes the new K/V)."""
     from radixfair.engine import decode_workspace
 
     if sorting == "always":  # rows re-sorted at every join or finish, several length groups every step
@@ -70,6 +77,8 @@ def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(
     seqs = [rng.integers(3, 300, n).tolist() for n in (60, 300, 80, 330, 90)]
     gather, ws = runner(tiny_llama, 0), runner(tiny_llama, 1 << 16)
     assert gather.workspace is None and ws.workspace is not None
+    assert ws.workspace.native == (native_decode_attention() is not None)
+    ws.workspace.native = attention == "native"
     states = {name: [SeqState(s, i, 1000 * i) for i, s in enumerate(seqs)] for name in ("g", "w")}
     reqs: dict[str, dict[int, Req]] = {"g": {}, "w": {}}
     pos = {0: 10, 1: 240, 2: 30}  # decoding requests: table row -> next position
@@ -102,6 +111,8 @@ def test_workspace_logits_equal_the_gather_across_joins_finishes_and_growth(
     assert ws.workspace is not None and ws.workspace.capacity == 512  # grew past 256 as contexts did
     # rows that kept decoding were appended, not refilled: their filled length is their context
     assert ws.workspace._by_row[1].filled == pos[1]
+    if attention == "native":  # rows stay where they joined: the kernel reads each to its own length
+        assert seen_groups == [0] * 24
     if sorting == "always":
         assert max(seen_groups) > 1
         slots = {row: e.slot for row, e in ws.workspace._by_row.items()}

@@ -226,11 +226,12 @@ def test_quantized_model_matches_the_dequantized_model(tiny_llama_tied: Path, mo
     assert all(q.route == list(route) for q in runner.quant_layers)
     kernels = _prefill_logits(runner, ids)
     dense = _prefill_logits(_runner(tiny_llama_tied, mode, DENSE), ids)
-    tol = KERNEL_RTOL if route == WEIGHT_ONLY else 2 * W8A8_RTOL  # int8 activations, int8 re-rounding (int4)
+    # VNNI: two-level int8 activations, ~14 bits; W8A8: int8 activations, int8 re-rounding (int4)
+    tol = KERNEL_RTOL if route in (WEIGHT_ONLY, VNNI) else 2 * W8A8_RTOL
     assert float((kernels - dense).abs().max()) <= tol * float(dense.abs().max())
-    # a tiny random model's logits are nearly flat: int8 activations (W8A8, VNNI) flip a few argmaxes
-    # (over 8 prompts: 83-100% agreement, mean 94-96%); a broken kernel agrees nowhere
-    agree = 0.9 if route == WEIGHT_ONLY else 0.8
+    # a tiny random model's logits are nearly flat: W8A8's int8 activations flip a few argmaxes (over
+    # 8 prompts: 83-100% agreement, mean 94%); a broken kernel agrees nowhere
+    agree = 0.8 if route == W8A8 else 0.9
     assert float((kernels.argmax(-1) == dense.argmax(-1)).float().mean()) >= agree
     none = _prefill_logits(_runner(tiny_llama_tied, "none", None), ids)
     assert not torch.equal(none, dense)  # the quantized model is a different (nearby) model
@@ -287,7 +288,8 @@ def test_real_model_top1_agrees_with_the_unquantized_model(mode: str, route: tup
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
     # teacher-forced next-token predictions over natural text: the quantized model picks the same
-    # token as the unquantized one at >= 85% (int4) / 95% (int8) of positions; with int8 activations
+    # token as the unquantized one at >= 85% (int4) / 95% (int8) of positions (VNNI's two-level
+    # activations too: measured as the dense copy, 99.3% / 98.6%); with int8 activations
     # (smoothed: unsmoothed per-token int8 activations agree at only ~86-92% here) at >= 90%
-    threshold = (0.95 if mode == "int8" else 0.85) if route == WEIGHT_ONLY else 0.90
+    threshold = (0.95 if mode == "int8" else 0.85) if route in (WEIGHT_ONLY, VNNI) else 0.90
     assert agree / total >= threshold, (agree, total)

@@ -55,9 +55,12 @@ class _Entry:
 class DecodeWorkspace:
     """Workspace rows for the requests of the decode set, bounded by `max_tokens` (rows x capacity)."""
 
-    def __init__(self, kv: KVPool, max_tokens: int) -> None:
+    def __init__(self, kv: KVPool, max_tokens: int, native: bool = False) -> None:
         self.kv = kv
         self.max_tokens = max_tokens
+        # attention by the C kernel: it reads each row to its own length, so rows are never sorted
+        # and no mask or write indices are built
+        self.native = native
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.rows_cap = 0
@@ -133,6 +136,10 @@ class DecodeWorkspace:
         if stale:
             self._fill(stale, table)
         lens_np = np.asarray(positions, dtype=np.int64) + 1
+        if self.native:
+            slots_t = torch.tensor(slots, dtype=torch.int64, device=dev)
+            return WorkspaceStep(self.k, self.v, slots_t, torch.from_numpy(lens_np).to(dev), True, None, None,
+                                 None, max(slots) + 1, need_cap, None, ())
         slots, groups = self._sort(rows, slots, lens_np)
         width = max(slots) + 1
         lmax = need_cap
@@ -152,8 +159,8 @@ class DecodeWorkspace:
         mask = torch.zeros(width, lmax, dtype=dtype, device=dev).masked_fill_(~valid, float("-inf"))
         mask = mask.repeat_interleave(kvh, dim=0).unsqueeze(1)  # [width * kv_heads, 1, lmax]
         identity = slots == list(range(len(slots)))
-        return WorkspaceStep(self.k, self.v, write_index, k_write, None if identity else slots_t, width, lmax,
-                             mask, groups)
+        return WorkspaceStep(self.k, self.v, slots_t, pos_t + 1, False, write_index, k_write,
+                             None if identity else slots_t, width, lmax, mask, groups)
 
     def _sort(self, rows: list[int], slots: list[int],
               lens: np.ndarray) -> tuple[list[int], tuple[tuple[int, int, int], ...]]:

@@ -47,12 +47,17 @@ class WorkspaceStep:
 
     k: list[torch.Tensor]  # per layer [rows_cap, kv_heads, head_dim, capacity]: transposed
     v: list[torch.Tensor]  # per layer [rows_cap, kv_heads, capacity, head_dim]
-    write_index: torch.Tensor  # [B * kv_heads] flat (row, head, position) of each new token's V
-    k_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (row, head, position) of each new key, [B * kv_heads]
+    slots: torch.Tensor  # [B] int64 workspace row of each batch row
+    lens: torch.Tensor  # [B] int64 context of each batch row, its new token included
+    # the C kernel (`radixfair.engine.decode_attention`) writes the new K/V and attends; the fields
+    # below are for the tensor-op path only and are None with it
+    native: bool
+    write_index: torch.Tensor | None  # [B * kv_heads] flat (row, head, position) of each new token's V
+    k_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row, head, position) of each new key
     rows: torch.Tensor | None  # [B] workspace row of each batch row; None: rows 0..B-1 in order
     width: int  # rows 0..width-1 are multiplied (rows not in the batch attend to their position 0)
     lmax: int  # columns multiplied: the longest context in the batch
-    mask: torch.Tensor  # [width * kv_heads, 1, lmax] additive (0 or -inf), in the model's dtype
+    mask: torch.Tensor | None  # [width * kv_heads, 1, lmax] additive (0 or -inf), in the model's dtype
     # (start, end, columns): workspace rows start..end-1 are read up to `columns` (rows sorted by length)
     groups: tuple[tuple[int, int, int], ...]
 

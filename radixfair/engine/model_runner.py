@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixfair.engine import native
 from radixfair.engine.constrained.mask import TokenMask
 from radixfair.engine.cuda_graph import CudaGraphRunner
+from radixfair.engine.decode_attention import NativeDecodeAttention, native_decode_attention
 from radixfair.engine.decode_workspace import DecodeWorkspace
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq
 from radixfair.engine.isolation import sample_isolated
@@ -21,7 +23,6 @@ from radixfair.engine.model_config import ModelConfig
 from radixfair.engine.models.llama import LlamaForCausalLM
 from radixfair.engine.quant import QuantLinear, tune_paths
 from radixfair.engine.sampler import Sampler
-from radixfair.engine.vnni import vnni_kernels
 from radixfair.sched.batch import BatchMode, BatchOutput, ScheduledBatch
 from radixfair.sched.request import Req
 
@@ -160,7 +161,10 @@ class ModelRunner:
         # captured graphs address the pool directly: with them, eager decode steps keep the gather too
         self.workspace: DecodeWorkspace | None = None
         if runner_config.decode_workspace_tokens > 0 and self.graphs is None:
-            self.workspace = DecodeWorkspace(self.kv, runner_config.decode_workspace_tokens)
+            native = (native_decode_attention() is not None and NativeDecodeAttention.supports(
+                model_config.num_attention_heads, model_config.num_key_value_heads, model_config.head_dim,
+                dtype, device))
+            self.workspace = DecodeWorkspace(self.kv, runner_config.decode_workspace_tokens, native)
         self.sampler = Sampler(device)
         self.vocab_size = model_config.vocab_size
         self.token_masks: MaskFn | None = None  # set by the engine when structured outputs are on
@@ -226,9 +230,7 @@ class ModelRunner:
         n = 1 if tokens <= self.single_thread_tokens else self.threads
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
-        kernels = vnni_kernels() if self.quant_layers and self.device.type == "cpu" else None
-        if kernels is not None:
-            kernels.threads = n
+        native.set_threads(n)
 
     def run(self, batch: ScheduledBatch) -> BatchOutput:
         if self.single_thread_tokens:

@@ -3,99 +3,52 @@
 PyTorch's CPU weight-only kernels widen every weight to 16 bits before multiplying and stream the
 weights well below the memory's speed; these keep the codes at 4 (8) bits up to an int8
 dot-product instruction and quantize each token's activations to int8 in blocks of 32 inputs, as
-llama.cpp does. The C source is compiled at first use with the system's C compiler into a cache
-directory (`RADIXFAIR_KERNEL_CACHE`, else `~/.cache/radixfair/kernels`), keyed by the source's hash,
-and called through ctypes; it runs on torch's OpenMP threads (the library binds to the `libgomp`
-torch has loaded). Where there is no compiler, no AVX512-VNNI, or the build fails, `vnni_kernels()`
-is None and the layers keep their other paths.
+llama.cpp does. The C source is compiled at first use (`radixfair.engine.native`). Where there is no
+compiler, no AVX512-VNNI, or the build fails, `vnni_kernels()` is None and the layers keep their
+other paths (`RADIXFAIR_DISABLE_VNNI=1` does the same, for comparisons).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from radixfair.engine.native import cpu_has, native_library, threads
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "vnni_matmul.c"
 GROUP = 32  # inputs per activation (and int4 weight) block
 TILE = 16  # output rows per packed tile
 Q4_CODES = TILE * GROUP // 2  # bytes of codes in an int4 tile's group block
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp",
-          "-shared", "-fPIC")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-
-
-def cpu_supports_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return all(f in flags for f in CPU_FLAGS)
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("RADIXFAIR_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "radixfair" / "kernels"
-
-
-def build(source: Path = SOURCE, out_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile `source` into a shared library (once per source hash and flags) and return its path.
-    Raises RuntimeError naming what failed."""
-    cc = compiler or os.environ.get("CC", "cc")
-    text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
-    lib = out_dir / f"vnni_matmul-{key}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: processes building at once each see a whole file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        os.unlink(tmp)
-        raise RuntimeError(f"cannot run the C compiler {cc!r}: {e}") from e
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"{cc} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
-    os.replace(tmp, lib)
-    return lib
+VNNI_FLAGS = ("avx512_vnni",)
+ACTIVATION_LEVELS = 2
 
 
 class VnniKernels:
     """The compiled library's two entry points, over contiguous CPU tensors."""
 
-    def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))  # releases the GIL while a matmul runs
+    def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._q4 = lib.rf_q4_matmul
-        self._q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
+        self._q4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
         self._q4.restype = ctypes.c_int
         self._q8 = lib.rf_q8_matmul
-        self._q8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+        self._q8.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         self._q8.restype = ctypes.c_int
-        self.path = path
-        # the matmuls' threads, whatever torch's own count at the call (see ModelRunner's pass threads)
-        self.threads = torch.get_num_threads()
+        # activation levels: 2 rounds each token's activations twice (codes, then their residual),
+        # ~14 bits for twice the integer work; 1 is llama.cpp's single int8 rounding
+        self.levels = ACTIVATION_LEVELS
 
     def q4_matmul(self, x: torch.Tensor, w: Q4Weights) -> torch.Tensor:
         """`x [T, K]` float32 contiguous times packed int4 weights -> `[T, N]` float32."""
         t, k = x.shape
         y = torch.empty(t, w.n)
-        if self._q4(x.data_ptr(), t, k, w.n, w.blocks.data_ptr(), y.data_ptr(), self.threads):
+        if self._q4(x.data_ptr(), t, k, w.n, w.blocks.data_ptr(), y.data_ptr(), self.levels, threads()):
             raise MemoryError("vnni int4 matmul: out of memory for its activation scratch")
         return y
 
@@ -103,24 +56,22 @@ class VnniKernels:
         """`x [T, K]` float32 contiguous times packed int8 weights -> `[T, N]` float32."""
         t, k = x.shape
         y = torch.empty(t, w.n)
-        if self._q8(x.data_ptr(), t, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), y.data_ptr(), self.threads):
+        if self._q8(x.data_ptr(), t, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), y.data_ptr(), self.levels,
+                    threads()):
             raise MemoryError("vnni int8 matmul: out of memory for its activation scratch")
         return y
 
 
 @functools.cache
 def vnni_kernels() -> VnniKernels | None:
-    """The kernels, built on first call, or None where they cannot run here (logged once)."""
+    """The kernels, or None where they cannot run here (no AVX512-VNNI, no compiler: logged once)."""
     if os.environ.get("RADIXFAIR_DISABLE_VNNI") == "1":
         return None
-    if not cpu_supports_vnni():
+    if not cpu_has(VNNI_FLAGS):
         logger.info("no AVX512-VNNI on this CPU: quantized layers use PyTorch's kernels")
         return None
-    try:
-        return VnniKernels(build())
-    except (RuntimeError, OSError) as e:
-        logger.warning("VNNI kernels unavailable, quantized layers use PyTorch's kernels: %s", e)
-        return None
+    lib = native_library()
+    return None if lib is None else VnniKernels(lib)
 
 
 def supports_shape(n: int, k: int) -> bool:

@@ -30,28 +30,38 @@
 #define Q4_BLOCK (Q4_CODES + 96)
 
 /* Per token and 32-input block: int8 codes, their scale, the sum of the float inputs (int4's
- * offset term) and of the codes (int8's +128 correction). The codes are stored plus `offset`. */
-static void quantize_activations(const float *x, int64_t T, int64_t K, int offset, int8_t *xq, float *dx,
-                                 float *xs, int32_t *xqs) {
+ * offset term) and of the codes (int8's +128 correction); the codes are stored plus `offset`. With
+ * `levels` 2 each token becomes two rows: its codes, then those of what they left over (the
+ * residual, at 1/127 of the first step or less), so activations carry ~14 bits for twice the
+ * integer work (the weight bytes, which bound a decode pass, stay the same). */
+static void quantize_activations(const float *x, int64_t T, int64_t K, int offset, int levels, int8_t *xq,
+                                 float *dx, float *xs, int32_t *xqs) {
     const int64_t G = K / GROUP;
+    const __m512i off = _mm512_set1_epi32(offset);
     for (int64_t t = 0; t < T; t++) {
         for (int64_t g = 0; g < G; g++) {
             const float *v = x + t * K + g * GROUP;
             __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            float d = amax / 127.0f;
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            __m512 s = _mm512_set1_ps(inv);
-            /* round half to even, as torch.round: the product is never out of range */
-            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, s));
-            __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, s));
-            int8_t *out = xq + t * K + g * GROUP;
-            __m512i off = _mm512_set1_epi32(offset);
-            _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_add_epi32(qa, off)));
-            _mm_storeu_si128((__m128i *)(out + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qb, off)));
-            dx[t * G + g] = d;
-            xs[t * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-            xqs[t * G + g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+            for (int l = 0; l < levels; l++) {
+                const int64_t r = t * levels + l;
+                float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+                float d = amax / 127.0f;
+                __m512 s = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+                /* round half to even, as torch.round: the product is never out of range */
+                __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, s));
+                __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, s));
+                int8_t *out = xq + r * K + g * GROUP;
+                _mm_storeu_si128((__m128i *)out, _mm512_cvtepi32_epi8(_mm512_add_epi32(qa, off)));
+                _mm_storeu_si128((__m128i *)(out + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qb, off)));
+                dx[r * G + g] = d;
+                xs[r * G + g] = l == 0 ? sum : 0.0f; /* the offset term once per token */
+                xqs[r * G + g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+                /* what this level left for the next */
+                __m512 dv = _mm512_set1_ps(d);
+                a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), dv, a);
+                b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), dv, b);
+            }
         }
     }
 }
@@ -66,10 +76,10 @@ static inline __m512 bf16_to_ps(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* One tile (16 rows) for NT tokens: the weights are unpacked once per chunk and used NT times. */
-static inline __attribute__((always_inline)) void q4_tile(int NT, const uint8_t *wt, const int8_t *xq,
-                                                          const float *dx, const float *xs, int64_t K, float *y,
-                                                          int64_t N) {
+/* One tile (16 rows) for NT activation rows; with `levels` 2, rows pair up into one token's output. */
+static inline __attribute__((always_inline)) void q4_tile(int NT, int levels, const uint8_t *wt,
+                                                          const int8_t *xq, const float *dx, const float *xs,
+                                                          int64_t K, float *y, int64_t N) {
     const int64_t G = K / GROUP;
     const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
     __m512 tot[TOKEN_BLOCK];
@@ -99,10 +109,11 @@ static inline __attribute__((always_inline)) void q4_tile(int NT, const uint8_t 
             tot[u] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[u * G + g]), tot[u]);
         }
     }
-    for (int u = 0; u < NT; u++) _mm512_storeu_ps(y + u * N, tot[u]);
+    for (int u = 0; u < NT; u += levels)
+        _mm512_storeu_ps(y + (u / levels) * N, levels == 2 ? _mm512_add_ps(tot[u], tot[u + 1]) : tot[u]);
 }
 
-static inline __attribute__((always_inline)) void q8_tile(int NT, const uint8_t *wt, const float *st,
+static inline __attribute__((always_inline)) void q8_tile(int NT, int levels, const uint8_t *wt, const float *st,
                                                           const int8_t *xq, const float *dx, const int32_t *xqs,
                                                           int64_t K, float *y, int64_t N) {
     const int64_t G = K / GROUP;
@@ -128,8 +139,11 @@ static inline __attribute__((always_inline)) void q8_tile(int NT, const uint8_t 
         }
     }
     __m512 sv = _mm512_loadu_ps(st);
-    for (int u = 0; u < NT; u++)
-        _mm512_storeu_ps(y + u * N, _mm512_mul_ps(sv, _mm512_sub_ps(tot[u], _mm512_set1_ps(shift[u]))));
+    for (int u = 0; u < NT; u += levels) {
+        __m512 v = _mm512_sub_ps(tot[u], _mm512_set1_ps(shift[u]));
+        if (levels == 2) v = _mm512_add_ps(v, _mm512_sub_ps(tot[u + 1], _mm512_set1_ps(shift[u + 1])));
+        _mm512_storeu_ps(y + (u / levels) * N, _mm512_mul_ps(sv, v));
+    }
 }
 
 typedef struct {
@@ -154,15 +168,18 @@ static void scratch_free(Scratch *s) {
     free(s->xqs);
 }
 
-/* Returns 0, or -1 when out of memory. K % 32 == 0 and N % 16 == 0 (checked by the caller). `threads`
- * is explicit: the caller may run its own small ops on fewer threads than a matmul is worth. */
-int rf_q4_matmul(const float *x, int64_t T, int64_t K, int64_t N, const uint8_t *w, float *y, int threads) {
+/* y[T0, N] for x[T0, K]. Returns 0, or -1 when out of memory. K % 32 == 0 and N % 16 == 0 (checked by
+ * the caller); `levels` 1 or 2 (see quantize_activations). `threads` is explicit: the caller may run its
+ * own small ops on fewer threads than a matmul is worth. */
+int rf_q4_matmul(const float *x, int64_t T0, int64_t K, int64_t N, const uint8_t *w, float *y, int levels,
+                 int threads) {
     Scratch s;
+    const int64_t T = T0 * levels; /* activation rows */
     if (!scratch_alloc(&s, T, K)) {
         scratch_free(&s);
         return -1;
     }
-    quantize_activations(x, T, K, 128, s.xq, s.dx, s.xs, s.xqs);
+    quantize_activations(x, T0, K, 128, levels, s.xq, s.dx, s.xs, s.xqs);
     const int64_t tiles = N / TILE, G = K / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < tiles; i++) {
@@ -170,12 +187,18 @@ int rf_q4_matmul(const float *x, int64_t T, int64_t K, int64_t N, const uint8_t 
         for (int64_t t = 0; t < T; t += TOKEN_BLOCK) {
             const int8_t *xq = s.xq + t * K;
             const float *dx = s.dx + t * G, *xs = s.xs + t * G;
-            float *yt = y + t * N + i * TILE;
-            switch (T - t >= TOKEN_BLOCK ? TOKEN_BLOCK : (int)(T - t)) {
-            case 4: q4_tile(4, wt, xq, dx, xs, K, yt, N); break;
-            case 3: q4_tile(3, wt, xq, dx, xs, K, yt, N); break;
-            case 2: q4_tile(2, wt, xq, dx, xs, K, yt, N); break;
-            default: q4_tile(1, wt, xq, dx, xs, K, yt, N); break;
+            float *yt = y + (t / levels) * N + i * TILE;
+            const int nt = T - t >= TOKEN_BLOCK ? TOKEN_BLOCK : (int)(T - t);
+            if (levels == 2) {
+                if (nt == 4) q4_tile(4, 2, wt, xq, dx, xs, K, yt, N);
+                else q4_tile(2, 2, wt, xq, dx, xs, K, yt, N);
+            } else {
+                switch (nt) {
+                case 4: q4_tile(4, 1, wt, xq, dx, xs, K, yt, N); break;
+                case 3: q4_tile(3, 1, wt, xq, dx, xs, K, yt, N); break;
+                case 2: q4_tile(2, 1, wt, xq, dx, xs, K, yt, N); break;
+                default: q4_tile(1, 1, wt, xq, dx, xs, K, yt, N); break;
+                }
             }
         }
     }
@@ -183,14 +206,15 @@ int rf_q4_matmul(const float *x, int64_t T, int64_t K, int64_t N, const uint8_t 
     return 0;
 }
 
-int rf_q8_matmul(const float *x, int64_t T, int64_t K, int64_t N, const uint8_t *w, const float *scale,
-                 float *y, int threads) {
+int rf_q8_matmul(const float *x, int64_t T0, int64_t K, int64_t N, const uint8_t *w, const float *scale,
+                 float *y, int levels, int threads) {
     Scratch s;
+    const int64_t T = T0 * levels; /* activation rows */
     if (!scratch_alloc(&s, T, K)) {
         scratch_free(&s);
         return -1;
     }
-    quantize_activations(x, T, K, 0, s.xq, s.dx, s.xs, s.xqs);
+    quantize_activations(x, T0, K, 0, levels, s.xq, s.dx, s.xs, s.xqs);
     const int64_t tiles = N / TILE, G = K / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < tiles; i++) {
@@ -200,12 +224,18 @@ int rf_q8_matmul(const float *x, int64_t T, int64_t K, int64_t N, const uint8_t 
             const int8_t *xq = s.xq + t * K;
             const float *dx = s.dx + t * G;
             const int32_t *xqs = s.xqs + t * G;
-            float *yt = y + t * N + i * TILE;
-            switch (T - t >= TOKEN_BLOCK ? TOKEN_BLOCK : (int)(T - t)) {
-            case 4: q8_tile(4, wt, st, xq, dx, xqs, K, yt, N); break;
-            case 3: q8_tile(3, wt, st, xq, dx, xqs, K, yt, N); break;
-            case 2: q8_tile(2, wt, st, xq, dx, xqs, K, yt, N); break;
-            default: q8_tile(1, wt, st, xq, dx, xqs, K, yt, N); break;
+            float *yt = y + (t / levels) * N + i * TILE;
+            const int nt = T - t >= TOKEN_BLOCK ? TOKEN_BLOCK : (int)(T - t);
+            if (levels == 2) {
+                if (nt == 4) q8_tile(4, 2, wt, st, xq, dx, xqs, K, yt, N);
+                else q8_tile(2, 2, wt, st, xq, dx, xqs, K, yt, N);
+            } else {
+                switch (nt) {
+                case 4: q8_tile(4, 1, wt, st, xq, dx, xqs, K, yt, N); break;
+                case 3: q8_tile(3, 1, wt, st, xq, dx, xqs, K, yt, N); break;
+                case 2: q8_tile(2, 1, wt, st, xq, dx, xqs, K, yt, N); break;
+                default: q8_tile(1, 1, wt, st, xq, dx, xqs, K, yt, N); break;
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixfair.engine.decode_attention import native_decode_attention
 from radixfair.engine.forward_batch import DecodeGroup, ForwardBatch, ForwardMode, PrefillSeq, WorkspaceStep
 from radixfair.engine.kv_pool import KVPool
 from radixfair.engine.model_config import ModelConfig, RopeScaling
@@ -133,6 +134,11 @@ class Attention(nn.Module):
         appended there (beside the pool write), and rows x kv heads form the matmuls' batch dimension
         with no gather."""
         kw, vw = w.k[self.layer_id], w.v[self.layer_id]  # [R, KVH, D, C] (K transposed), [R, KVH, C, D]
+        if w.native:
+            attend = native_decode_attention()
+            assert attend is not None
+            return attend(q, k, v, kw, vw, w.slots, w.lens, self.scale)
+        assert w.k_write is not None and w.write_index is not None and w.mask is not None
         d = self.head_dim
         kw.permute(0, 1, 3, 2).index_put_(w.k_write, k.reshape(-1, d))
         vw.view(-1, d).index_copy_(0, w.write_index, v.reshape(-1, d))
